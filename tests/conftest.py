@@ -1,0 +1,29 @@
+"""Shared test fixtures: tiny random Hugging Face models built on the fly (no hub needed).
+
+JAX sees 8 virtual CPU devices in every test process so sharding tests can build any mesh;
+unsharded code simply runs on device 0.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny(tmp_path_factory):
+    """(directory, transformers model) of a tiny untied Qwen3 with GQA 2:1, saved in one file."""
+    d = tmp_path_factory.mktemp("qwen3_tiny")
+    return d, build_tiny_model("qwen3", d)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny_tied(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3_tiny_tied")
+    return d, build_tiny_model("qwen3", d, tie_word_embeddings=True)
