@@ -84,6 +84,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
+            o_bias=mt == "llama" and bool(hf.get("attention_bias", False)),
             qk_norm=mt == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             model_type=mt,

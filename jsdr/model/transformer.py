@@ -52,6 +52,7 @@ class ModelConfig:
     rope_scaling: tuple | None = None  # sorted (key, value) pairs of the HF rope dict, or None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias=true also biases o_proj; Qwen2 does not
     qk_norm: bool = False
     max_position_embeddings: int = 32768
     model_type: str = "qwen3"
@@ -85,6 +86,8 @@ def param_axes(cfg: ModelConfig) -> Params:
         attn["q_proj"]["bias"] = ("layers", "q_heads")
         attn["k_proj"]["bias"] = ("layers", "kv_heads")
         attn["v_proj"]["bias"] = ("layers", "kv_heads")
+    if cfg.o_bias:
+        attn["o_proj"]["bias"] = ("layers", "embed")
     if cfg.qk_norm:
         attn["q_norm"] = {"scale": ("layers", "head_dim")}
         attn["k_norm"] = {"scale": ("layers", "head_dim")}
