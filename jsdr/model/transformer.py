@@ -185,14 +185,22 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-def dense(x, p: Params, lora: Params | None, lora_scale: float):
-    """x W (+ b) (+ scale * (x A) B). The LoRA path never touches W."""
+def dense(x, p: Params, lora: Params | None, lora_scale: float, dropout: tuple[float, jax.Array] | None = None):
+    """x W (+ b) (+ scale * (drop(x) A) B). The LoRA path never touches W.
+
+    dropout: (rate, key) applies inverted dropout to the LoRA input only (as PEFT's lora_dropout).
+    """
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     if lora is not None:
         a, b = lora["lora_a"].astype(x.dtype), lora["lora_b"].astype(x.dtype)
-        y = y + lora_scale * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+        xl = x
+        if dropout is not None and dropout[0] > 0:
+            rate, key = dropout
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            xl = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+        y = y + lora_scale * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", xl, a), b)
     return y
 
 
@@ -205,16 +213,24 @@ def _sub(tree, *keys):
 
 
 def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale, positions,
-                  segment_ids, kv_cache, cache_index, inv_freq, attn_impl):
-    """One decoder layer. kv_cache: None or (k [B,S,K,D], v [B,S,K,D], cache segment ids [B,S])."""
+                  segment_ids, kv_cache, cache_index, inv_freq, attn_impl, lora_dropout=None):
+    """One decoder layer. kv_cache: None or (k [B,S,K,D], v [B,S,K,D], cache segment ids [B,S]).
+
+    lora_dropout: None or (rate, key of this layer); each projection draws its own mask.
+    """
     B, T, _ = h.shape
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn_p, attn_l = lp["self_attn"], _sub(ll, "self_attn")
 
+    def drop(i):
+        if lora_dropout is None:
+            return None
+        return lora_dropout[0], jax.random.fold_in(lora_dropout[1], i)
+
     x = rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q = dense(x, attn_p["q_proj"], _sub(attn_l, "q_proj"), lora_scale).reshape(B, T, H, D)
-    k = dense(x, attn_p["k_proj"], _sub(attn_l, "k_proj"), lora_scale).reshape(B, T, K, D)
-    v = dense(x, attn_p["v_proj"], _sub(attn_l, "v_proj"), lora_scale).reshape(B, T, K, D)
+    q = dense(x, attn_p["q_proj"], _sub(attn_l, "q_proj"), lora_scale, drop(0)).reshape(B, T, H, D)
+    k = dense(x, attn_p["k_proj"], _sub(attn_l, "k_proj"), lora_scale, drop(1)).reshape(B, T, K, D)
+    v = dense(x, attn_p["v_proj"], _sub(attn_l, "v_proj"), lora_scale, drop(2)).reshape(B, T, K, D)
     if cfg.qk_norm:
         q = rms_norm(q, attn_p["q_norm"]["scale"], cfg.rms_norm_eps)
         k = rms_norm(k, attn_p["k_norm"]["scale"], cfg.rms_norm_eps)
@@ -235,16 +251,16 @@ def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale
         o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), segment_ids, cseg, cache_index, True,
                       "xla" if attn_impl == "pallas" else attn_impl)
         new_cache = (ck, cv)
-    o = dense(o.reshape(B, T, H * D), attn_p["o_proj"], _sub(attn_l, "o_proj"), lora_scale)
+    o = dense(o.reshape(B, T, H * D), attn_p["o_proj"], _sub(attn_l, "o_proj"), lora_scale, drop(3))
     h = h + o
     h = constrain(h, ("act_batch", "act_seq", "act_embed"))
 
     mlp_p, mlp_l = lp["mlp"], _sub(ll, "mlp")
     x = rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    g = dense(x, mlp_p["gate_proj"], _sub(mlp_l, "gate_proj"), lora_scale)
-    u = dense(x, mlp_p["up_proj"], _sub(mlp_l, "up_proj"), lora_scale)
+    g = dense(x, mlp_p["gate_proj"], _sub(mlp_l, "gate_proj"), lora_scale, drop(4))
+    u = dense(x, mlp_p["up_proj"], _sub(mlp_l, "up_proj"), lora_scale, drop(5))
     g = constrain(g, ("act_batch", "act_seq", "act_mlp"))
-    y = dense(jax.nn.silu(g) * u, mlp_p["down_proj"], _sub(mlp_l, "down_proj"), lora_scale)
+    y = dense(jax.nn.silu(g) * u, mlp_p["down_proj"], _sub(mlp_l, "down_proj"), lora_scale, drop(6))
     h = constrain(h + y, ("act_batch", "act_seq", "act_embed"))
     return h, new_cache
 
@@ -271,12 +287,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelConfig, lora: Params | None = None,
                    lora_scale: float = 1.0, *, cache: dict | None = None, attn_impl: str = "xla",
-                   remat: str = "none", dtype=None):
+                   remat: str = "none", dtype=None, lora_dropout: tuple[float, jax.Array] | None = None):
     """Final-norm hidden states [B, T, E] (and the updated cache when `cache` is given).
 
     tokens, positions, segment_ids: int32 [B, T]. segment_ids 0 = padding; packed sequences use
     distinct ids with positions restarting at 0. With `cache`, the T new tokens are written at
-    `cache["index"]` and attend to everything written before them.
+    `cache["index"]` and attend to everything written before them. lora_dropout: (rate, PRNG key)
+    drops the input of every LoRA path (training only; the rate is static, the key may be traced).
     """
     dtype = dtype or params["embed_tokens"]["embedding"].dtype
     tokens = constrain(tokens, ("act_batch", "act_seq"))
@@ -285,24 +302,35 @@ def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelCon
     inv_freq = rope_inv_freq(cfg)
     layer_lora = None if lora is None else lora.get("layers")
     T = tokens.shape[1]
+    rate = 0.0
+    drop_keys = None  # one key per layer, scanned with the weights
+    if lora_dropout is not None and layer_lora is not None:
+        rate = float(lora_dropout[0])
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"lora_dropout rate {rate} must be in [0, 1)")
+        if rate > 0:
+            drop_keys = jax.random.split(lora_dropout[1], cfg.num_layers)
+    layer_drop = lambda k: None if k is None else (rate, k)
 
     if cache is None:
         def body(h, xs):
-            lp, ll = xs
-            h, _ = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, None, 0, inv_freq, attn_impl)
+            lp, ll, dk = xs
+            h, _ = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, None, 0, inv_freq, attn_impl,
+                                 layer_drop(dk))
             return h, None
-        h, _ = jax.lax.scan(_remat(body, remat), h, (params["layers"], layer_lora))
+        h, _ = jax.lax.scan(_remat(body, remat), h, (params["layers"], layer_lora, drop_keys))
         new_cache = None
     else:
         idx = cache["index"]
         cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), idx, axis=1)
 
         def body(h, xs):
-            lp, ll, ck, cv = xs
+            lp, ll, dk, ck, cv = xs
             h, (ck, cv) = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, (ck, cv, cseg), idx,
-                                        inv_freq, attn_impl)
+                                        inv_freq, attn_impl, layer_drop(dk))
             return h, (ck, cv)
-        h, (ks, vs) = jax.lax.scan(_remat(body, remat), h, (params["layers"], layer_lora, cache["k"], cache["v"]))
+        h, (ks, vs) = jax.lax.scan(_remat(body, remat), h,
+                                   (params["layers"], layer_lora, drop_keys, cache["k"], cache["v"]))
         new_cache = {"k": ks, "v": vs, "segment_ids": cseg, "index": idx + T}
 
     h = rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
