@@ -285,6 +285,10 @@ def test_parquet_and_directories(tmp_path):
                                                                "Answer": "1"}])
     with pytest.raises(D.DataError, match=r"bad\.parquet row 2: field 'solution' is empty"):
         D.load_records(str(bad), fields=fields)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"problem": "caf\xe9", "solution": "s", "answer": "1"}\n')
+    with pytest.raises(D.DataError, match=r"latin\.jsonl: cannot read \(UnicodeDecodeError"):
+        D.load_records(str(latin))
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet")
     with pytest.raises(D.DataError, match=r"junk\.parquet: cannot read parquet"):

@@ -171,7 +171,10 @@ def _local_rows(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
         if reader is None:
             raise DataError(f"{f}: unsupported file type {f.suffix!r}; use one of "
                             + ", ".join(SUPPORTED_SUFFIXES))
-        yield from reader(f)
+        try:
+            yield from reader(f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def _hub_rows(source: str, split: str, config: str | None) -> Iterator[tuple[str, Any]]:
