@@ -308,7 +308,7 @@ def test_zero_init_gradients_like_peft(qwen3):
     lora = LR.init_lora(cfg, lc, jax.random.key(2))
     tokens, seg = _batch(12)
     pos = T.positions_from_segments(jnp.asarray(seg))
-    g = jax.grad(lambda lo: T.forward(params, tokens, pos, seg, cfg, lo, lc.scale)[..., :5].sum())(lora)
+    g = jax.jit(jax.grad(lambda lo: T.forward(params, tokens, pos, seg, cfg, lo, lc.scale)[..., :5].sum()))(lora)
     for name in ATTN_SUBSET:
         leaves = g["layers"][LR.TARGETS[name][0]][name]
         assert not np.any(np.asarray(leaves["lora_a"])) and np.all(np.abs(np.asarray(leaves["lora_b"])).max((1, 2)) > 0)
@@ -344,17 +344,17 @@ def test_forward_lora_dropout(qwen3):
     lc = LR.LoraConfig(rank=4, alpha=8, dropout=0.3)
     lora = random_lora(cfg, lc, seed=13)
     tokens, seg = _batch(14)
+    pos = T.positions_from_segments(jnp.asarray(seg))
+    fwd = jax.jit(lambda lo, key, rate: T.forward(params, tokens, pos, seg, cfg, lo, lc.scale,
+                                                  lora_dropout=(rate, key)), static_argnums=2)
     plain = _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale)
-    d1 = _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale, lora_dropout=(lc.dropout, jax.random.key(0)))
-    d1b = _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale, lora_dropout=(lc.dropout, jax.random.key(0)))
-    d2 = _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale, lora_dropout=(lc.dropout, jax.random.key(1)))
+    d1, d1b, d2 = (np.asarray(fwd(lora, jax.random.key(k), lc.dropout)) for k in (0, 0, 1))
     np.testing.assert_array_equal(d1, d1b)
     assert _masked_err(d1, plain, seg) > 100 * _tol(plain) and _masked_err(d1, d2, seg) > 100 * _tol(plain)
     # dropout never touches the base path: with a zero delta nothing changes
     zero = jax.tree.map(jnp.zeros_like, lora)
-    np.testing.assert_array_equal(
-        _jsdr_logits(params, cfg, tokens, seg, zero, lc.scale, lora_dropout=(0.5, jax.random.key(0))),
-        _jsdr_logits(params, cfg, tokens, seg))
+    base = jax.jit(lambda: T.forward(params, tokens, pos, seg, cfg))()
+    np.testing.assert_array_equal(np.asarray(fwd(zero, jax.random.key(0), lc.dropout)), np.asarray(base))
     with pytest.raises(ValueError, match="lora_dropout rate"):
         _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale, lora_dropout=(1.0, jax.random.key(0)))
 
