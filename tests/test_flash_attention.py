@@ -21,7 +21,7 @@ from jsdr.model import transformer as TF
 from kernels import flash_attention as F
 
 F32_TOL = 1e-5   # max abs diff relative to max(1, max |reference|)
-BF16_TOL = 2e-2  # bfloat16 inputs: kernel vs the float32 reference on the same (bf16) inputs
+BF16_TOL = 1e-2  # bfloat16 inputs vs the float32 reference on the same inputs (measured <= 4.6e-3)
 
 SMALL = F.BlockSizes(16, 16, 16, 16, 16, 16)
 MIXED = F.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
