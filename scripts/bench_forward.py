@@ -1,0 +1,308 @@
+"""Forward and forward+backward throughput: jsdr (JAX, jitted) vs transformers (PyTorch), in one run.
+
+A random Qwen3-architecture model is built with `transformers` and saved once; every measurement
+then runs in its own subprocess (so peak memory is per measurement and the two frameworks never
+share a thread pool), on the same token batch:
+
+  forward          logits of the batch (torch under no_grad)
+  fwd+bwd full     next-token cross-entropy, gradients of every parameter
+  fwd+bwd LoRA     same loss, gradients of a LoRA adapter only (jsdr: lora tree; torch: peft)
+                   on q/k/v/o/gate/up/down with the same rank/alpha
+
+Reported: median tokens/s over --repeats timed runs after --warmup runs; jsdr compile time
+(lower + compile); peak memory. Memory on CPU is the growth of the process's peak resident set
+(Linux VmHWM, reset through /proc/self/clear_refs after model, batch and compilation are ready)
+over the resident set at that moment, for both frameworks alike; jsdr also reports XLA's compiled.memory_analysis() (temp + output bytes). On GPU torch
+reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure.
+
+    python scripts/bench_forward.py                     # ~2-3 min on 2 CPU cores
+    python scripts/bench_forward.py --hidden 1024 --layers 16 --batch 8 --seq 512   # bigger, GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("forward", "fwdbwd_full", "fwdbwd_lora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "<framework>:<mode>:<model dir>"
+    return p.parse_args(argv)
+
+
+def batch(args):
+    import numpy as np
+    rs = np.random.RandomState(0)
+    return rs.randint(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_reset() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: clear_refs 5) and return the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    rss = _status_kib("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_since(base: int) -> int:
+    """Peak RSS growth over `base` since the last peak_reset (VmHWM; ru_maxrss where /proc is missing)."""
+    hwm = _status_kib("VmHWM")
+    peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(0, peak - base)
+
+
+def timed(fn, sync, warmup, repeats):
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2], times
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (one measurement per process)
+
+
+def run_torch(args, mode, model_dir):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+    data = torch.tensor(batch(args), device=dev)
+    inp, labels = data[:, :-1], data[:, 1:]
+    if mode == "fwdbwd_lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                 target_modules=TARGETS, lora_dropout=0.0))
+    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+    out = {"threads": torch.get_num_threads(), "device": dev,
+           "attn": getattr(model.config, "_attn_implementation", "?")}
+    loss_box = {}
+
+    if mode == "forward":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(input_ids=inp).logits
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        out["trainable"] = sum(p.numel() for p in params)
+
+        def step():
+            for p in params:
+                p.grad = None
+            logits = model(input_ids=inp).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            loss.backward()
+            loss_box["loss"] = float(loss.detach())
+            return loss
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = peak_reset()
+    med, times = timed(step, sync, args.warmup, args.repeats)
+    out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else peak_since(rss0)
+    out.update(median_s=med, times=times, loss=loss_box.get("loss"))
+    return out
+
+
+def run_jax(args, mode, model_dir):
+    if args.threads and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jsdr.model import hf, lora as LR
+    from jsdr.model import transformer as T
+
+    params, cfg, _ = hf.load_params(model_dir)
+    data = jnp.asarray(batch(args), jnp.int32)
+    inp, labels = data[:, :-1], data[:, 1:]
+    seg = jnp.ones_like(inp)
+    pos = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), inp.shape)
+
+    def ce(logits):
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        return jnp.mean(lse - tgt)
+
+    out = {"device": str(jax.devices()[0].platform), "cpus": len(os.sched_getaffinity(0))
+           if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    if mode == "forward":
+        fn = jax.jit(lambda p: T.forward(p, inp, pos, seg, cfg))
+        fargs = (params,)
+    elif mode == "fwdbwd_full":
+        fn = jax.jit(jax.value_and_grad(lambda p: ce(T.forward(p, inp, pos, seg, cfg))))
+        fargs = (params,)
+        out["trainable"] = cfg.num_params()
+    else:
+        lc = LR.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(TARGETS))
+        lora = LR.init_lora(cfg, lc, jax.random.key(0))
+        # the base is an argument of the jitted step but not of differentiation
+        fn = jax.jit(lambda p, lo: jax.value_and_grad(lambda l_: ce(T.forward(p, inp, pos, seg, cfg, l_, lc.scale)))(lo))
+        fargs = (params, lora)
+        out["trainable"] = LR.count_params(lora)
+    t = time.perf_counter()
+    compiled = fn.lower(*fargs).compile()
+    out["compile_s"] = time.perf_counter() - t
+    ma = compiled.memory_analysis()
+    if ma is not None:
+        out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
+        out["xla_arg_bytes"] = int(ma.argument_size_in_bytes)
+        out["xla_out_bytes"] = int(ma.output_size_in_bytes)
+    loss_box = {}
+
+    def step():
+        r = compiled(*fargs)
+        if mode != "forward":
+            loss_box["loss"] = r[0]
+        return r
+    rss0 = peak_reset()
+    med, times = timed(step, jax.block_until_ready, args.warmup, args.repeats)
+    if out["device"] == "cpu":
+        out["peak_bytes"] = peak_since(rss0)
+    else:
+        out["peak_bytes"] = out.get("xla_temp_bytes", 0) + out.get("xla_out_bytes", 0)
+    out.update(median_s=med, times=times, loss=float(loss_box["loss"]) if loss_box else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def build_model(args, out_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    torch.manual_seed(0)
+    hc = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                     num_key_value_heads=args.kv_heads, head_dim=args.head_dim, max_position_embeddings=max(
+                         4096, args.seq), tie_word_embeddings=args.tied)
+    model = AutoModelForCausalLM.from_config(hc, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker_argv(args) -> list[str]:
+    out = []
+    for k, v in vars(args).items():
+        if k in ("worker", "json", "modes"):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out += [flag] if v else []
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        fw, mode, model_dir = args.worker.split(":", 2)
+        res = (run_torch if fw == "torch" else run_jax)(args, mode, model_dir)
+        print("RESULT " + json.dumps(res))
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {MODES}")
+    tokens = args.batch * args.seq
+    with tempfile.TemporaryDirectory() as tmp:
+        n_params = build_model(args, tmp)
+        print(f"Qwen3-architecture model: {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+              f"vocab {args.vocab}, {'tied' if args.tied else 'untied'}); batch {args.batch} x {args.seq} = "
+              f"{tokens} tokens; float32; LoRA r={args.lora_rank} alpha={args.lora_alpha} on 7 projections; "
+              f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+        results: dict = {}
+        for mode in modes:
+            for fw in ("jax", "torch"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{mode}:{tmp}"] + worker_argv(args)
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    sys.stderr.write(proc.stderr[-4000:])
+                    raise SystemExit(f"{fw} {mode} failed (exit {proc.returncode})")
+                results[(fw, mode)] = json.loads(line[0][7:])
+                print(f"  {fw:5s} {mode:12s} done in {time.perf_counter() - t:.0f}s", flush=True)
+
+    j0, t0 = results.get(("jax", modes[0]), {}), results.get(("torch", modes[0]), {})
+    print(f"\njsdr: jax {__import__('jax').__version__} on {j0.get('device')} ({j0.get('cpus')} cpus); "
+          f"peer: torch on {t0.get('device')} ({t0.get('threads')} threads, attention {t0.get('attn')})")
+    hdr = f"{'measurement':<14}{'jsdr tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'compile s':>11}" \
+          f"{'jsdr peak':>11}{'peer peak':>11}{'xla temp':>10}{'trainable':>12}{'loss jsdr/peer':>18}"
+    print(hdr)
+    print("-" * len(hdr))
+    rows = {}
+    for mode in modes:
+        j, t = results[("jax", mode)], results[("torch", mode)]
+        jt, tt = tokens / j["median_s"], tokens / t["median_s"]
+        loss = "-" if j["loss"] is None else f"{j['loss']:.4f}/{t['loss']:.4f}"
+        train = "-" if "trainable" not in j else f"{j['trainable']:,}" + ("" if j["trainable"] == t["trainable"]
+                                                                             else f"!={t['trainable']:,}")
+        print(f"{mode:<14}{jt:>12.0f}{tt:>12.0f}{jt / tt:>8.2f}{j['compile_s']:>11.1f}{fmt_bytes(j['peak_bytes']):>11}"
+              f"{fmt_bytes(t['peak_bytes']):>11}{fmt_bytes(j.get('xla_temp_bytes')):>10}{train:>12}{loss:>18}")
+        rows[mode] = {"jsdr_tokens_per_s": jt, "peer_tokens_per_s": tt, "ratio": jt / tt, "jsdr": j, "peer": t}
+    print("peak = growth of the process's peak RSS (VmHWM) over its RSS before the timed runs (CPU) / "
+          "allocator peak (GPU); "
+          "xla temp = compiled.memory_analysis().temp_size_in_bytes")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens": tokens, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
