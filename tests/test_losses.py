@@ -232,6 +232,25 @@ def test_opsd_empty_rollouts_are_finite(head_inputs):
         assert all(np.isfinite(float(v)) for v in m.values())
 
 
+def test_opsd_head_under_mesh(head_inputs):
+    """Sharded over (data 2, fsdp 2, tensor 2) - batch on data/fsdp, chunk logits on the vocab -
+    the loss and gradient equal the single-device ones."""
+    from jsdr import sharding
+    hs, ht, w, y, mask = head_inputs
+    hs4, ht4 = np.concatenate([hs, hs[:1]]), np.concatenate([ht, ht[:1]])
+    y4, m4 = np.concatenate([y, y[:1]]), np.concatenate([mask, mask[:1]])
+    cfg = L.OPSDConfig(beta=0.3, clip_tau=0.2, variant="top_k", top_k=6, chunk_size=CHUNK)
+    f = jax.value_and_grad(lambda h, t, w_: L.opsd_head_loss(h, t, y4, m4, w_, cfg)[0])
+    want = jax.jit(f)(hs4, ht4, w)
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+    with sharding.use_mesh(mesh):
+        act = sharding.logical_sharding(("act_batch", "act_seq", "act_embed"), hs4.shape, mesh)
+        ker = sharding.logical_sharding(("embed", "vocab"), w.shape, mesh)
+        got = jax.jit(f, in_shardings=(act, act, ker))(hs4, ht4, w)
+    _close(got[0], want[0], rtol=1e-6, what="loss")
+    _close(got[1], want[1], rtol=1e-5, what="grad")
+
+
 # ---------------------------------------------------------------------------------------------
 # GRPO
 
