@@ -1,18 +1,21 @@
 """Forward and forward+backward throughput: jsdr (JAX, jitted) vs transformers (PyTorch), in one run.
 
 A random Qwen3-architecture model is built with `transformers` and saved once; every measurement
-then runs in its own subprocess (so peak memory is per measurement and the two frameworks never
-share a thread pool), on the same token batch:
+runs in its own pair of subprocesses (one jsdr, one torch: peak memory is per measurement and the
+frameworks never share a thread pool), on the same token batch. The two workers of a measurement
+take turns step by step (alternating who goes first), so a shared machine's varying load hits
+both alike:
 
   forward          logits of the batch (torch under no_grad)
   fwd+bwd full     next-token cross-entropy, gradients of every parameter
   fwd+bwd LoRA     same loss, gradients of a LoRA adapter only (jsdr: lora tree; torch: peft)
                    on q/k/v/o/gate/up/down with the same rank/alpha
 
-Reported: median tokens/s over --repeats timed runs after --warmup runs; jsdr compile time
+Reported: median tokens/s over --repeats timed steps after --warmup steps (and the ratio of the
+fastest steps, the less load-sensitive figure); jsdr compile time
 (lower + compile); peak memory. Memory on CPU is the growth of the process's peak resident set
-(Linux VmHWM, reset through /proc/self/clear_refs after model, batch and compilation are ready)
-over the resident set at that moment, for both frameworks alike; jsdr also reports XLA's compiled.memory_analysis() (temp + output bytes). On GPU torch
+(Linux VmHWM, reset through /proc/self/clear_refs once model, batch and compiled step are ready,
+before the first execution) over the resident set at that moment, for both frameworks alike; jsdr also reports XLA's compiled.memory_analysis() (temp + output bytes). On GPU torch
 reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure.
 
     python scripts/bench_forward.py                     # ~2-3 min on 2 CPU cores
@@ -91,23 +94,13 @@ def peak_since(base: int) -> int:
     return max(0, peak - base)
 
 
-def timed(fn, sync, warmup, repeats):
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2], times
-
-
 # ---------------------------------------------------------------------------------------------
-# workers (one measurement per process)
+# workers: one process per (framework, measurement). The driver keeps the jsdr and the torch
+# worker of a measurement alive side by side and asks them for one timed step in turn, so both
+# see the same load on a shared machine.
 
 
-def run_torch(args, mode, model_dir):
+def setup_torch(args, mode, model_dir):
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -145,16 +138,19 @@ def run_torch(args, mode, model_dir):
             loss.backward()
             loss_box["loss"] = float(loss.detach())
             return loss
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = peak_reset()
-    med, times = timed(step, sync, args.warmup, args.repeats)
-    out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else peak_since(rss0)
-    out.update(median_s=med, times=times, loss=loss_box.get("loss"))
-    return out
+    def peak_start():
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            return 0
+        return peak_reset()
+
+    def peak_end(base):
+        return torch.cuda.max_memory_allocated() if dev == "cuda" else peak_since(base)
+
+    return out, step, sync, peak_start, peak_end, lambda: loss_box.get("loss")
 
 
-def run_jax(args, mode, model_dir):
+def setup_jax(args, mode, model_dir):
     if args.threads and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     import jax
@@ -205,14 +201,64 @@ def run_jax(args, mode, model_dir):
         if mode != "forward":
             loss_box["loss"] = r[0]
         return r
-    rss0 = peak_reset()
-    med, times = timed(step, jax.block_until_ready, args.warmup, args.repeats)
-    if out["device"] == "cpu":
-        out["peak_bytes"] = peak_since(rss0)
-    else:
-        out["peak_bytes"] = out.get("xla_temp_bytes", 0) + out.get("xla_out_bytes", 0)
-    out.update(median_s=med, times=times, loss=float(loss_box["loss"]) if loss_box else None)
-    return out
+    def peak_start():
+        return peak_reset()
+
+    def peak_end(base):
+        if out["device"] == "cpu":
+            return peak_since(base)
+        return out.get("xla_temp_bytes", 0) + out.get("xla_out_bytes", 0)
+
+    return out, step, jax.block_until_ready, peak_start, peak_end, \
+        lambda: float(loss_box["loss"]) if loss_box else None
+
+
+def serve(args, fw, mode, model_dir):
+    """Set up, warm up, then answer "step" (time one step) and "done" (report) from stdin."""
+    out, step, sync, peak_start, peak_end, loss = (setup_torch if fw == "torch" else setup_jax)(args, mode, model_dir)
+    base = peak_start()  # after setup and compilation, before the first execution
+    for _ in range(args.warmup):
+        sync(step())
+    print("READY", flush=True)
+    times = []
+    for line in sys.stdin:
+        if line.strip() == "step":
+            t = time.perf_counter()
+            sync(step())
+            times.append(time.perf_counter() - t)
+            print(f"TIME {times[-1]}", flush=True)
+        elif line.strip() == "done":
+            break
+    out.update(peak_bytes=peak_end(base), times=times, loss=loss())
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+class Worker:
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.cmd = cmd
+
+    def _expect(self, prefix):
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        err = self.proc.stderr.read()[-4000:]
+        raise SystemExit(f"worker {self.cmd[3]} died (exit {self.proc.wait()}):\n{err}")
+
+    def ready(self):
+        self._expect("READY")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        return float(self._expect("TIME "))
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        res = json.loads(self._expect("RESULT "))
+        self.proc.stdin.close()
+        self.proc.wait()
+        return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +299,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         fw, mode, model_dir = args.worker.split(":", 2)
-        res = (run_torch if fw == "torch" else run_jax)(args, mode, model_dir)
-        print("RESULT " + json.dumps(res))
+        serve(args, fw, mode, model_dir)
         return
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
@@ -269,35 +314,45 @@ def main(argv=None):
               f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
         results: dict = {}
         for mode in modes:
-            for fw in ("jax", "torch"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{mode}:{tmp}"] + worker_argv(args)
-                t = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.stderr.write(proc.stderr[-4000:])
-                    raise SystemExit(f"{fw} {mode} failed (exit {proc.returncode})")
-                results[(fw, mode)] = json.loads(line[0][7:])
-                print(f"  {fw:5s} {mode:12s} done in {time.perf_counter() - t:.0f}s", flush=True)
+            t = time.perf_counter()
+            workers = {}
+            for fw in ("jax", "torch"):  # set up one after the other (compilation is not timed here)
+                workers[fw] = Worker([sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{mode}:{tmp}"]
+                                     + worker_argv(args))
+                workers[fw].ready()
+            for r in range(args.repeats):  # alternate which goes first
+                for fw in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+                    time.sleep(0.3)  # let the other framework's idle worker threads stop spinning
+                    workers[fw].step()
+            for fw, w in workers.items():
+                res = w.finish()
+                ts = sorted(res["times"])
+                res["median_s"], res["best_s"] = ts[len(ts) // 2], ts[0]
+                results[(fw, mode)] = res
+            print(f"  {mode:12s} done in {time.perf_counter() - t:.0f}s", flush=True)
 
     j0, t0 = results.get(("jax", modes[0]), {}), results.get(("torch", modes[0]), {})
     print(f"\njsdr: jax {__import__('jax').__version__} on {j0.get('device')} ({j0.get('cpus')} cpus); "
           f"peer: torch on {t0.get('device')} ({t0.get('threads')} threads, attention {t0.get('attn')})")
-    hdr = f"{'measurement':<14}{'jsdr tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'compile s':>11}" \
-          f"{'jsdr peak':>11}{'peer peak':>11}{'xla temp':>10}{'trainable':>12}{'loss jsdr/peer':>18}"
+    hdr = f"{'measurement':<14}{'jsdr tok/s':>12}{'peer tok/s':>12}{'ratio':>7}{'best ratio':>11}{'compile s':>10}" \
+          f"{'jsdr peak':>11}{'peer peak':>11}{'xla temp':>10}{'trainable':>12}{'loss jsdr/peer':>17}"
     print(hdr)
     print("-" * len(hdr))
     rows = {}
     for mode in modes:
         j, t = results[("jax", mode)], results[("torch", mode)]
         jt, tt = tokens / j["median_s"], tokens / t["median_s"]
+        best = t["best_s"] / j["best_s"]
         loss = "-" if j["loss"] is None else f"{j['loss']:.4f}/{t['loss']:.4f}"
         train = "-" if "trainable" not in j else f"{j['trainable']:,}" + ("" if j["trainable"] == t["trainable"]
                                                                              else f"!={t['trainable']:,}")
-        print(f"{mode:<14}{jt:>12.0f}{tt:>12.0f}{jt / tt:>8.2f}{j['compile_s']:>11.1f}{fmt_bytes(j['peak_bytes']):>11}"
-              f"{fmt_bytes(t['peak_bytes']):>11}{fmt_bytes(j.get('xla_temp_bytes')):>10}{train:>12}{loss:>18}")
-        rows[mode] = {"jsdr_tokens_per_s": jt, "peer_tokens_per_s": tt, "ratio": jt / tt, "jsdr": j, "peer": t}
-    print("peak = growth of the process's peak RSS (VmHWM) over its RSS before the timed runs (CPU) / "
+        print(f"{mode:<14}{jt:>12.0f}{tt:>12.0f}{jt / tt:>7.2f}{best:>11.2f}{j['compile_s']:>10.1f}"
+              f"{fmt_bytes(j['peak_bytes']):>11}{fmt_bytes(t['peak_bytes']):>11}"
+              f"{fmt_bytes(j.get('xla_temp_bytes')):>10}{train:>12}{loss:>17}")
+        rows[mode] = {"jsdr_tokens_per_s": jt, "peer_tokens_per_s": tt, "ratio": jt / tt, "best_ratio": best,
+                      "jsdr": j, "peer": t}
+    print("tok/s and ratio (jsdr/peer) from the medians; best ratio from the fastest step of each")
+    print("peak = growth of the process's peak RSS (VmHWM) over its RSS before the first step (CPU) / "
           "allocator peak (GPU); "
           "xla temp = compiled.memory_analysis().temp_size_in_bytes")
     if args.json:
