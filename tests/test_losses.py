@@ -13,7 +13,6 @@ import torch
 from jsdr import losses as L
 from jsdr.losses import divergence as D
 from jsdr.model import hf
-from jsdr.model import transformer as T
 
 torch.set_default_dtype(torch.float64)
 
@@ -146,7 +145,8 @@ def np_group_advantages(rewards, G, std_norm, eps):
 OPSD_CASES = []
 for _bi, _beta in enumerate((0.0, 0.5, 1.0, 0.3)):
     for _ci, _clip in enumerate((None, "token", "vocab")):
-        OPSD_CASES.append(dict(variant="full", beta=_beta, clip=_clip, reduction=("sequence", "token")[(_bi + _ci) % 2]))
+        _red = ("sequence", "token")[(_bi + _ci) % 2]
+        OPSD_CASES.append(dict(variant="full", beta=_beta, clip=_clip, reduction=_red))
 for _i, (_beta, _clip) in enumerate([(0.0, None), (0.3, "vocab"), (1.0, "token"), (0.5, None)]):
     OPSD_CASES.append(dict(variant="top_k", beta=_beta, clip=_clip, reduction=("token", "sequence")[_i % 2]))
 OPSD_CASES += [dict(variant="sampled_token", beta=0.5, clip=None, reduction=r) for r in ("sequence", "token")]
@@ -212,11 +212,18 @@ def test_opsd_chunking_is_invisible(head_inputs):
 @pytest.mark.parametrize("variant", ["full", "top_k", "sampled_token"])
 def test_opsd_identical_teacher_and_student(head_inputs, variant):
     hs, _, w, y, mask = head_inputs
-    for beta in (0.0, 0.3, 1.0):
-        cfg = L.OPSDConfig(beta=beta, variant=variant, top_k=5, chunk_size=CHUNK,
-                           clip_tau=None if variant == "sampled_token" else 0.01, clip_mode="vocab")
-        (loss, m), g = jax.jit(jax.value_and_grad(lambda h: L.opsd_head_loss(h, hs, y, mask, jnp.asarray(w), cfg),
-                                                  has_aux=True))(hs)
+    betas = (0.0, 0.3, 1.0)
+
+    def f(h):  # one compile for the three betas
+        out = []
+        for beta in betas:
+            cfg = L.OPSDConfig(beta=beta, variant=variant, top_k=5, chunk_size=CHUNK,
+                               clip_tau=None if variant == "sampled_token" else 0.01, clip_mode="vocab")
+            out.append(jax.value_and_grad(lambda h_: L.opsd_head_loss(h_, h, y, mask, jnp.asarray(w), cfg),
+                                          has_aux=True)(h))
+        return out
+
+    for beta, ((loss, m), g) in zip(betas, jax.jit(f)(hs)):
         assert abs(float(loss)) < 1e-6 and abs(float(m["div_max"])) < 1e-5
         assert float(np.abs(g).max()) < 1e-6, f"beta={beta}: nonzero gradient for identical distributions"
 
@@ -380,8 +387,8 @@ def test_sft_head_matches_reference(reduction):
     _close(loss, want.item(), what="loss")
     _close(g, h_t.grad.numpy(), rtol=5e-5, what="grad")
     zero = np.zeros_like(b["mask"])
-    (loss0, _), g0 = jax.value_and_grad(
-        lambda h_: L.sft_head_loss(h_, b["targets"], zero, b["segment_ids"], jnp.asarray(w), cfg), has_aux=True)(h)
+    (loss0, _), g0 = jax.jit(jax.value_and_grad(
+        lambda h_: L.sft_head_loss(h_, b["targets"], zero, b["segment_ids"], jnp.asarray(w), cfg), has_aux=True))(h)
     assert float(loss0) == 0.0 and np.all(np.asarray(g0) == 0)
 
 
@@ -658,12 +665,14 @@ def test_opsd_teacher_weights(tiny):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     lora1, lora2 = _lora(params, 10, 0.2), _lora(params, 11, 0.2)
 
-    def tlp(teacher, lora, teacher_lora=None):
-        cfg = L.OPSDConfig(teacher=teacher, temperature=1.0)
-        return np.asarray(L.teacher_logprobs(lora, params, batch, model_cfg=mcfg, cfg=cfg, lora_scale=SCALE,
-                                             teacher_lora=teacher_lora))
+    fns = {t: jax.jit(lambda lo, tlo, t=t: L.teacher_logprobs(
+        lo, params, batch, model_cfg=mcfg, cfg=L.OPSDConfig(teacher=t, temperature=1.0), lora_scale=SCALE,
+        teacher_lora=tlo)) for t in L.opsd.TEACHERS}
 
-    base = tlp("live", None)
+    def tlp(teacher, lora, teacher_lora=None):
+        return np.asarray(fns[teacher](lora, teacher_lora))
+
+    base = tlp("fixed", None)
     # independent check of the base teacher log-probs with transformers (no LoRA)
     with torch.no_grad():
         ids = batch["t_tokens"][0][np.asarray(batch["t_segment_ids"][0]) > 0].tolist()

@@ -44,7 +44,3 @@ def hidden(params, lora, tokens, positions, segment_ids, model_cfg: ModelConfig,
         kw["lora_dropout"] = (float(lora_dropout), rng)
     return forward_hidden(params, tokens, positions, segment_ids, model_cfg, lora, lora_scale,
                           attn_impl=attn_impl, remat=remat, dtype=dtype, **kw)
-
-
-def f32(x) -> jax.Array:
-    return jax.numpy.asarray(x, jax.numpy.float32)
