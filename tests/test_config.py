@@ -1,0 +1,72 @@
+"""Config machinery: YAML + overrides into nested dataclasses, with errors that name the key."""
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from jsdr import config as C
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    lr: float = C.field(1e-3, "learning rate")
+    names: tuple[str, ...] = C.field(("a", "b"), "names")
+    mode: Literal["x", "y"] = C.field("x", "mode")
+    limit: int | None = C.field(None, "limit")
+
+    def __post_init__(self):
+        C.check(self.lr > 0, "inner.lr", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    seed: int = C.field(0, "seed")
+    flag: bool = C.field(False, "a flag")
+    inner: Inner = C.field(Inner(), "")
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ninner:\n  names: [q, k]\n  mode: y\n")
+    cfg = C.load(Outer, p, ["--inner.lr=2e-5", "--flag", "--limit", "7"])
+    assert cfg == Outer(seed=3, flag=True, inner=Inner(lr=2e-5, names=("q", "k"), mode="y", limit=7))
+    cfg = C.load(Outer, None, ["--names=a,b,c", "--inner.limit=none", "--flag=false"])
+    assert cfg.inner.names == ("a", "b", "c") and cfg.inner.limit is None and cfg.flag is False
+    # round trip through plain data
+    assert C.from_dict(Outer, C.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--inner.mode=z"], r"inner.mode: 'z' is not allowed; choose one of \['x', 'y'\]"),
+    (["--seed=abc"], r"seed: expected int, got 'abc'"),
+    (["--seed=1.5"], r"seed: expected int"),
+    (["--flag=maybe"], r"flag: expected true/false"),
+    (["--inner.lr=-1"], r"inner.lr: must be > 0"),
+    (["--nope=1"], r"unknown option --nope"),
+    (["--inner.nope=1"], r"unknown option --inner.nope"),
+    (["positional"], r"unexpected argument 'positional'"),
+])
+def test_bad_values_name_the_key(args, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.load(Outer, None, args)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("inner:\n  typo: 1\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml: unknown key inner.typo; inner accepts: lr, names"):
+        C.load(Outer, p)
+    p.write_text("seed: [1\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(Outer, p)
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(Outer, tmp_path / "missing.yaml")
+
+
+def test_help_lists_every_option_with_default():
+    text = C.help_text(Outer)
+    for key in ("--seed=0", "--flag=False", "--inner.lr=0.001", "--inner.names=a,b", "--inner.mode=x",
+                "--inner.limit=None"):
+        assert key in text
+    assert "learning rate" in text and "x|y" in text
