@@ -389,6 +389,7 @@ class MeshSection:
     data: int = field(1, "data-parallel axis size (base weights replicated along it)")
     fsdp: int = field(-1, "fully-sharded data-parallel axis size (-1 = all remaining devices)")
     tensor: int = field(1, "tensor-parallel axis size")
+    num_devices: int | None = field(None, "use only the first N devices (None = all)")
 
 
 @dataclasses.dataclass(frozen=True)

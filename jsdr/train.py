@@ -135,7 +135,7 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
         new = dict(state, lora=lora, opt_state=opt_state, step=state["step"] + 1)
         if "ema" in state:
             new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], lora)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return new, metrics
 
     return step
@@ -213,7 +213,15 @@ class Trainer:
 
         self.cfg, self.progress, self.log = cfg, progress, log
         self.run_dir = Path(cfg.train.output_dir.format(method=cfg.method))
-        self.mesh = S.make_mesh(S.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+        devices = jax.devices()
+        if cfg.mesh.num_devices is not None:
+            if cfg.mesh.num_devices > len(devices):
+                raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices exist")
+            devices = devices[:cfg.mesh.num_devices]
+        try:
+            self.mesh = S.make_mesh(S.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.micro = cfg.train.per_device_batch * dp
         self.batch = self.micro * cfg.train.grad_accum
@@ -487,7 +495,8 @@ class Trainer:
         else:
             from jsdr.losses.opsd import opsd_loss as fn
         return partial(fn, model_cfg=self.mcfg, cfg=getattr(self.cfg, m), lora_scale=self.lora_scale,
-                       remat=self.cfg.model.remat, attn_impl=self.cfg.model.attn_impl, dtype=self.dtype)
+                       remat=self.cfg.model.remat, attn_impl=self.cfg.model.attn_impl, dtype=self.dtype,
+                       lora_dropout=self.cfg.lora.dropout)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -539,8 +548,9 @@ class Trainer:
             signal.signal(s, handler)
         return old
 
-    def run(self) -> dict:
-        """Train; returns the last logged metrics (with held-out accuracy before/after when configured)."""
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train; returns the last logged metrics (with held-out accuracy before/after when configured).
+        `stop_after`: behave as if a stop signal arrived after that many steps of this call."""
         from tqdm import tqdm
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -583,6 +593,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 summary.update(metrics)
+                if stop_after is not None and step - start >= stop_after:
+                    self.stop_requested = True
                 if step % cfg.train.save_every == 0 or step == cfg.train.steps or self.stop_requested:
                     ckpt.save(step, self.state, {"step": step, "rollout_tokens": self.rollout_tokens,
                                                  "seed": cfg.seed, "method": cfg.method})
