@@ -1,0 +1,1 @@
+"""Data: prompts, rewards, datasets and the embedded toy task."""

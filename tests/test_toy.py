@@ -1,0 +1,264 @@
+"""The embedded toy task, tokenizer and warm-started model (tiny settings: no full warm start here)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from jsdr.data import toy
+
+
+# ---------------------------------------------------------------------------------------------
+# task generator
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = toy.make_problems(50, seed=3, difficulty=4)
+    b = toy.make_problems(50, seed=3, difficulty=4)
+    c = toy.make_problems(50, seed=4, difficulty=4)
+    assert a == b
+    assert [x["problem"] for x in a] != [x["problem"] for x in c]
+    assert toy.toy_benchmark(20, seed=1) == toy.toy_benchmark(20, seed=1)
+
+
+def _recompute(problem: str) -> int:
+    """An independent solver working from the text with a regex (not toy.parse_problem)."""
+    m = re.fullmatch(r"x = (\d)\. Apply in order, mod 10:((?:\n[A-Z] [-+*] \d)+)", problem)
+    assert m, problem
+    x = int(m.group(1))
+    for i, step in enumerate(m.group(2).strip("\n").split("\n")):
+        label, op, k = step.split(" ")
+        assert label == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i]
+        x = {"+": x + int(k), "-": x - int(k), "*": x * int(k)}[op] % 10
+    return x
+
+
+@pytest.mark.parametrize("difficulty", [1, 3, (2, 7)])
+def test_solutions_are_verified(difficulty):
+    for ex in toy.make_problems(200, seed=0, difficulty=difficulty) + toy.make_problems(
+            40, seed=0, difficulty=difficulty, split="test"):
+        assert ex["solution"].endswith(f"\\boxed{{{ex['answer']}}}.")
+        assert ex["answer"] == str(_recompute(ex["problem"]))
+        assert toy.boxed_answer(ex["solution"]) == ex["answer"]
+        assert toy.verify(ex)
+        lines = ex["solution"].splitlines()
+        assert len(lines) == ex["difficulty"] + 1
+        x = int(ex["problem"].split(".")[0].removeprefix("x = "))
+        for line in lines[:-1]:  # every written step is true arithmetic and a true reduction
+            head, red = line.split(" -> ")
+            _, op, k = head.split(" ")
+            assert eval(f"({x} {op} {k}) % 10") == int(red)
+            x = int(red)
+
+
+def test_verify_rejects_wrong_solutions():
+    ex = toy.make_problems(1, seed=0, difficulty=3)[0]
+    bad = dict(ex, answer=str((int(ex["answer"]) + 1) % 10))
+    assert not toy.verify(bad)
+    lines = ex["solution"].splitlines()
+    head, red = lines[0].split(" -> ")
+    wrong = f"{head} -> {(int(red) + 1) % 10}"  # a wrong step that the final answer does not reveal
+    assert not toy.verify(dict(ex, solution="\n".join([wrong] + lines[1:])))
+    with pytest.raises(ValueError, match="not a toy problem"):
+        toy.parse_problem("What is 2 + 2?")
+
+
+def test_splits_are_disjoint():
+    for d in (2, 4):
+        train = {x["problem"] for x in toy.make_problems(3000, seed=0, difficulty=d)}
+        test = {x["problem"] for x in toy.make_problems(600, seed=0, difficulty=d, split="test")}
+        assert train and test and not (train & test)
+        assert all(toy.split_of(p) == "train" for p in train)
+        assert all(toy.split_of(p) == "test" for p in test)
+    bench = toy.toy_benchmark(128)
+    assert len({x["problem"] for x in bench}) == 128  # held-out problems do not repeat
+    with pytest.raises(ValueError, match="unique test problems"):
+        toy.make_problems(500, difficulty=1, split="test")
+    with pytest.raises(ValueError, match="split"):
+        toy.make_problems(1, split="valid")
+
+
+def test_difficulty_grows_with_parameter():
+    tok = toy.build_tokenizer()
+    prev_steps, prev_len = 0, 0
+    for d in (1, 2, 4, 6):
+        probs = toy.make_problems(50, seed=0, difficulty=d)
+        assert all(p["difficulty"] == d for p in probs)
+        steps = np.mean([len(p["solution"].splitlines()) - 1 for p in probs])
+        length = np.mean([len(tok.encode(p["solution"])) for p in probs])
+        assert steps == d and steps > prev_steps and length > prev_len
+        prev_steps, prev_len = steps, length
+    mixed = toy.make_problems(300, seed=0, difficulty=(1, 6))
+    assert {p["difficulty"] for p in mixed} == set(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and chat template
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy.build_tokenizer()
+
+
+def test_tokenizer_round_trip(tokenizer):
+    texts = []
+    for ex in toy.make_problems(100, seed=9, difficulty=(1, 8)) + toy.toy_benchmark(50):
+        texts += [ex["problem"], ex["solution"], toy.student_prompt(ex["problem"]),
+                  toy.teacher_prompt(ex["problem"], ex["solution"])]
+    for t in texts:
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        assert tokenizer.decode(ids) == t
+    assert len(tokenizer) < 512
+    # digits stay single tokens (a space may lead), so numbers are spelled digit by digit
+    for tid in tokenizer.encode("1234567 -> 89 = -10", add_special_tokens=False):
+        piece = tokenizer.decode([tid])
+        assert sum(ch.isdigit() for ch in piece) <= 1
+    # text from outside the task (unicode, unknown words) neither crashes nor loses information
+    odd = "Ünïcödé ✓ 漢字 tab\there {[<>]} ~`|"
+    assert tokenizer.decode(tokenizer.encode(odd, add_special_tokens=False)) == odd
+    # special tokens are single ids
+    for s in toy.SPECIAL_TOKENS:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == s
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_student_prompt_is_short(tokenizer):
+    # the brief: student prompt + solution <= ~160 tokens, teacher <= ~320 (difficulty up to 6)
+    for ex in toy.make_problems(100, seed=2, difficulty=6):
+        sp, c = toy.encode_example(tokenizer, ex, "student", False)
+        tp, _ = toy.encode_example(tokenizer, ex, "teacher", True)
+        assert len(sp) + len(c) <= 160 and len(tp) + len(c) <= 320
+
+
+def test_chat_template_thinking_switch(tokenizer):
+    msgs = [{"role": "user", "content": "Problem: x = 1. Hi"}]
+    on = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    off = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    default = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    head = "<|im_start|>user\nProblem: x = 1. Hi<|im_end|>\n<|im_start|>assistant\n"
+    assert on == head and default == head
+    assert off == head + "<think>\n\n</think>\n\n"
+    no_gen = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    assert no_gen == "<|im_start|>user\nProblem: x = 1. Hi<|im_end|>\n"
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    assert tokenizer.apply_chat_template(conv, tokenize=False) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nV<|im_end|>\n")
+    # the tokenized form (the call the trainer makes) gives the same ids as encoding the text
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == tokenizer.encode(off, add_special_tokens=False)
+    think = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    assert all(t in ids for t in think)
+
+
+def test_prompt_structure_follows_paper(tokenizer):
+    ex = toy.make_problems(1, seed=0)[0]
+    s = toy.student_prompt(ex["problem"])
+    t = toy.teacher_prompt(ex["problem"], ex["solution"])
+    assert s == f"Problem: {ex['problem']}\n\n{toy.INSTRUCTION}"
+    assert toy.INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
+    i_p, i_h, i_s, i_t, i_i = (t.index(x) for x in (ex["problem"], toy.REFERENCE_HEADER, ex["solution"],
+                                                    toy.TRANSITION, toy.INSTRUCTION))
+    assert i_p < i_h < i_s < i_t < i_i and t.endswith(toy.INSTRUCTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# warm start and cache (tiny settings)
+
+TINY = dict(steps=3, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+            head_dim=16, batch_rows=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toycache")
+    return root, toy.ensure_toy_assets(root, progress=False, **TINY)
+
+
+def test_ensure_toy_assets_writes_loadable_model(tiny_assets):
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jsdr.model.hf import load_params
+    from jsdr.model.transformer import forward
+
+    root, d = tiny_assets
+    assert d.parent == root and d.name.startswith(f"toy-{toy.TOY_VERSION}-")
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    meta = json.loads((d / "toy_meta.json").read_text())
+    assert meta["settings"]["steps"] == 3 and len(meta["train_log"]) >= 1
+    assert all(np.isfinite(r["loss"]) for r in meta["train_log"])
+
+    params, cfg, hf = load_params(str(d))
+    assert cfg.model_type == "qwen3" and cfg.num_layers == 2 and cfg.hidden_size == 32 and cfg.qk_norm
+    tok = AutoTokenizer.from_pretrained(str(d))
+    assert tok.chat_template and len(tok) <= cfg.vocab_size
+    ex = toy.toy_benchmark(2)
+    prompt, completion = toy.encode_example(tok, ex[0], "teacher", True)
+    ids = np.array([prompt + completion], np.int32)
+    seg = np.ones_like(ids)
+    pos = np.arange(ids.shape[1], dtype=np.int32)[None]
+    ours = np.asarray(forward(params, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg), cfg))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_ensure_toy_assets_reuses_cache_and_versions_path(tiny_assets, tmp_path):
+    root, d = tiny_assets
+    stamp = (d / "model.safetensors").stat().st_mtime_ns
+    again = toy.ensure_toy_assets(root, progress=False, **TINY)
+    assert again == d and (d / "model.safetensors").stat().st_mtime_ns == stamp
+    assert toy.assets_dir(root) == root / f"toy-{toy.TOY_VERSION}"  # the default settings
+    assert toy.assets_dir(root, toy.ToySettings(**{**TINY, "steps": 4})) != d
+    import os
+    old = os.environ.get("JSDR_CACHE")
+    os.environ["JSDR_CACHE"] = str(tmp_path)
+    try:
+        assert toy.assets_dir() == tmp_path / f"toy-{toy.TOY_VERSION}"
+    finally:
+        if old is None:
+            del os.environ["JSDR_CACHE"]
+        else:
+            os.environ["JSDR_CACHE"] = old
+
+
+def test_incomplete_cache_is_rebuilt(tmp_path):
+    d = toy.assets_dir(tmp_path, toy.ToySettings(**{**TINY, "steps": 1}))
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")  # a stale, half-written directory
+    out = toy.ensure_toy_assets(tmp_path, progress=False, **{**TINY, "steps": 1})
+    assert out == d and (d / "model.safetensors").exists() and (d / "toy_meta.json").exists()
+
+
+def test_accuracy_scores_real_generations(tiny_assets):
+    """The decode loop and grader on the tiny model: compared with an independent greedy loop."""
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from jsdr.model.hf import load_params
+    from jsdr.model.transformer import forward
+
+    _, d = tiny_assets
+    params, cfg, _ = load_params(str(d))
+    tok = AutoTokenizer.from_pretrained(str(d))
+    probs = toy.toy_benchmark(3)
+    prompts = [toy.encode_example(tok, ex, "student", False)[0] for ex in probs]
+    eos = [tok.convert_tokens_to_ids(toy.EOS_TOKEN)]
+    got = toy.generate(params, cfg, prompts, 8, eos)
+    for p, g in zip(prompts, got):  # reference: full forward, no cache, one token at a time
+        ids = list(p)
+        for _ in range(len(g)):
+            x = jnp.asarray([ids], jnp.int32)
+            logits = forward(params, x, jnp.arange(len(ids))[None], jnp.ones_like(x), cfg)
+            ids.append(int(jnp.argmax(logits[0, -1])))
+        assert ids[len(p):] == g
+    res = toy.accuracy(params, cfg, tok, probs, max_new_tokens=8)
+    assert res["n"] == 3 and len(res["texts"]) == 3 and 0.0 <= res["accuracy"] <= 1.0
