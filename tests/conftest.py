@@ -27,3 +27,20 @@ def qwen3_tiny(tmp_path_factory):
 def qwen3_tiny_tied(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen3_tiny_tied")
     return d, build_tiny_model("qwen3", d, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def toy_tiny_assets(tmp_path_factory):
+    """A directory with `model/` (a tiny random Qwen3 with the toy tokenizer, whose chat template has
+    a thinking switch) and `train.jsonl` (32 toy problems with solutions and answers)."""
+    import json
+
+    from jsdr.data import toy
+    d = tmp_path_factory.mktemp("toy_tiny")
+    tok = toy.build_tokenizer(out_dir=d / "model")
+    build_tiny_model("qwen3", d / "model", vocab_size=len(tok), tie_word_embeddings=True)
+    tok.save_pretrained(d / "model")
+    with open(d / "train.jsonl", "w") as f:
+        for p in toy.make_problems(32, seed=0, split="train", difficulty=2):
+            f.write(json.dumps(p) + "\n")
+    return d

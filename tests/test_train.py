@@ -1,36 +1,24 @@
 """`python -m jsdr.train`: the three methods end to end on a tiny model, overfitting, exact resume,
 the paper configs, and the errors a user sees."""
 
-import dataclasses
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import yaml
 
 from jsdr import config as C
 from jsdr import train as TR
 from jsdr.config import ConfigError, TrainConfig
 from jsdr.data import toy
-from tests.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random Qwen3 with the toy tokenizer (chat template with a thinking switch) and a jsonl
-    of toy problems."""
-    d = tmp_path_factory.mktemp("train_assets")
-    tok = toy.build_tokenizer(out_dir=d / "model")
-    build_tiny_model("qwen3", d / "model", vocab_size=len(tok), tie_word_embeddings=True)
-    tok.save_pretrained(d / "model")
-    with open(d / "train.jsonl", "w") as f:
-        for p in toy.make_problems(32, seed=0, split="train", difficulty=2):
-            f.write(json.dumps(p) + "\n")
-    return d
+def assets(toy_tiny_assets):
+    return toy_tiny_assets
 
 
 def _cfg(assets, method, out, **over):
