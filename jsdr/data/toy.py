@@ -7,18 +7,20 @@ a short SFT stage on the task below, so that SFT, GRPO and OPSD can show learnin
 
 The task: "mod-10 chains". A start digit and a list of labelled operations (+k, -k, *k); apply
 them in order, reducing modulo 10 after every step. The reference solution writes one line per
-step (the operation restated, then the new value), then the boxed answer::
+step (the labelled operation restated, the exact arithmetic, its reduction), then the boxed
+answer::
 
-    problem:  x = 6. Apply in order, mod 10:     solution:  A + 8 -> 4
-              A + 8                                         B + 4 -> 8
-              B + 4                                         C - 9 -> 9
-              C - 9                                         D * 7 -> 3
-              D * 7                                         The answer is \\boxed{3}.
+    problem:  x = 6. Apply in order, mod 10:    solution:  A + 8: 6 + 8 = 14 -> 4
+              A + 8                                        B + 4: 4 + 4 = 8 -> 8
+              B + 4                                        C - 9: 8 - 9 = -1 -> 9
+              C - 9                                        D * 7: 9 * 7 = 63 -> 3
+              D * 7                                        The answer is \\boxed{3}.
 
 Difficulty is the number of operations. Every line needs a look-up in the problem (the operation
-with that label) and one of 260 arithmetic facts; a tiny model learns the format at once and the
-rest only partly in a short warm start. With the reference solution in its context (the OPSD
-teacher role) the same look-up mechanism copies the answer line by line.
+with that label), the value of the line before and one of 260 arithmetic facts; a tiny model
+learns the format at once and the rest only partly in a short warm start. With the reference
+solution in its context (the OPSD teacher role) the same look-up mechanism (an induction head
+keyed on the line label) copies the answer line by line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -77,14 +80,23 @@ CHAT_TEMPLATE = (
 _SPLIT_PATTERN = (r"[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# keyword arguments of make_problems for the training records of the toy runs
+TRAIN_DEFAULTS = {"n": 4096, "difficulty": TRAIN_DIFFICULTY}
+
+
+def _fill(template: str, **values: str) -> str:
+    # one pass, so braces elsewhere (\\boxed{}) and placeholder-like text in values stay as they are
+    return re.sub(r"\{(problem|solution)\}", lambda m: values[m.group(1)], template)
+
+
 def student_prompt(problem: str) -> str:
     """The student's user message: the problem and the instruction."""
-    return STUDENT_PROMPT.replace("{problem}", problem)
+    return _fill(STUDENT_PROMPT, problem=problem)
 
 
 def teacher_prompt(problem: str, solution: str) -> str:
     """The teacher's user message: problem, reference solution, transition, instruction."""
-    return TEACHER_PROMPT.replace("{solution}", solution).replace("{problem}", problem)
+    return _fill(TEACHER_PROMPT, problem=problem, solution=solution)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +133,7 @@ def solve(start: int, ops: Sequence[tuple[str, int]]) -> tuple[str, str]:
     x, lines = start, []
     for i, (op, k) in enumerate(ops):
         exact = _apply(x, op, k)
-        lines.append(f"{_label(i)} {op} {k} -> {_reduce(exact)}")
+        lines.append(f"{_label(i)} {op} {k}: {x} {op} {k} = {exact} -> {_reduce(exact)}")
         x = _reduce(exact)
     lines.append(f"The answer is \\boxed{{{x}}}.")
     return "\n".join(lines), str(x)
@@ -152,8 +164,12 @@ def verify(example: dict) -> bool:
         return False
     x = start
     for (op, k), line in zip(ops, solution.splitlines()[:-1]):  # independent check of each written step
-        head, red = line.split(" -> ")
-        if head.split(" ")[1:] != [op, str(k)] or _apply(x, op, k) % MOD != int(red):
+        head, rest = line.split(": ")
+        lhs, rhs = rest.split(" = ")
+        exact, red = rhs.split(" -> ")
+        a, op2, k2 = lhs.split(" ")
+        if (head.split(" ")[1:] != [op, str(k)] or [int(a), op2, int(k2)] != [x, op, k]
+                or _apply(x, op, k) != int(exact) or int(exact) % MOD != int(red)):
             return False
         x = int(red)
     return True
@@ -291,10 +307,10 @@ class ToySettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    steps: int = 600
-    batch_rows: int = 8
+    steps: int = 1500
+    batch_rows: int = 4
     row_len: int = 256
-    learning_rate: float = 3e-3
+    learning_rate: float = 4e-3
     warmup: int = 30
     weight_decay: float = 0.01
     teacher_fraction: float = 0.5  # share of warm-start examples in the teacher role
@@ -544,13 +560,11 @@ def default_cache_root() -> Path:
 
 
 def assets_dir(cache_dir: str | Path | None = None, settings: ToySettings = DEFAULT_SETTINGS) -> Path:
-    """Where the assets of `settings` live: <root>/toy-v1 for the defaults, toy-v1-<hash> otherwise."""
+    """Where the assets of `settings` live: <root>/toy-<version>-<hash of the settings>, so that a
+    cache built by another version or with other settings is never reused."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    name = f"toy-{TOY_VERSION}"
-    if settings != DEFAULT_SETTINGS:
-        blob = json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()
-        name += "-" + hashlib.sha256(blob).hexdigest()[:10]
-    return root / name
+    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()
+    return root / f"toy-{TOY_VERSION}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "toy_meta.json")
@@ -561,7 +575,7 @@ def ensure_toy_assets(cache_dir: str | Path | None = None, progress: bool = True
     """The directory of the warm-started toy model (HF format, tokenizer included); built on first use.
 
     cache_dir: the cache root (default $JSDR_CACHE or ~/.cache/jsdr); the assets go to
-    <root>/toy-<version>[-<settings hash>]. `overrides` replace fields of ToySettings (tests use a
+    <root>/toy-<version>-<settings hash>. `overrides` replace fields of ToySettings (tests use a
     few steps). Written to a temporary directory and renamed into place, so a half-built cache is
     never used.
     """
