@@ -181,7 +181,8 @@ def resolve_key(cls, key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"--{key} is ambiguous; use one of: {', '.join('--' + m for m in matches)}")
-    close = [p for p in paths if key.split(".")[-1] in p]
+    import difflib
+    close = difflib.get_close_matches(key, paths, n=3, cutoff=0.6) or [p for p in paths if key.split(".")[-1] in p]
     hint = f" (did you mean {', '.join('--' + c for c in close[:5])}?)" if close else ""
     raise ConfigError(f"unknown option --{key}{hint}; `--help` lists every option")
 
