@@ -226,7 +226,11 @@ def filter_threshold(e: jax.Array, top_k, top_p, min_p, bound: int = FILTER_BOUN
     # top-p on the top-k distribution: keep v when the mass strictly above v is < top_p * Z_k
     zk = jnp.sum(jnp.where(e >= tk[:, None], e, 0.0), axis=-1)
     p_mass = top_p * zk
-    above = jnp.sum(jnp.where(vals[:, None, :] > vals[:, :, None], vals[:, None, :], 0.0), axis=-1)  # [B, KB]
+    # exclusive running mass. For the first token of a tie block it is exactly the mass strictly above
+    # the block; later members only see more, and the threshold is the smallest kept *value*, so a
+    # block is always kept or dropped as a whole. If the last value is dropped, every smaller value
+    # (all outside the bound) is dropped as well, so the kept set is closed.
+    above = jnp.cumsum(vals, axis=-1) - vals  # [B, KB]
     ok = (above < p_mass[:, None]) & (vals >= tk[:, None])
     tp_small = jnp.min(jnp.where(ok, vals, jnp.inf), axis=-1)
     p_off = top_p >= 1.0
@@ -280,6 +284,8 @@ def sample_logits(logits: jax.Array, u: jax.Array, *, temperature, top_k=-1, top
     for the presence penalty. Scalars may be Python numbers or traced arrays; `greedy`, `filtered`
     and `bound` are static.
     """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        greedy = True  # a literal 0 can only mean greedy; traced temperatures must be > 0
     logits = logits.astype(jnp.float32)
     B, V = logits.shape
     raw_lse = jax.nn.logsumexp(logits, axis=-1)

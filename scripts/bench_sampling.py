@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--logit-scale", type=float, default=1.0,
                     help="multiply the lm_head weights (>1 makes the distribution peakier)")
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
 
@@ -53,6 +54,8 @@ def main(argv=None):
     from jsdr.model import hf
     from jsdr.sampling import Sampler, SamplingConfig
 
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     hcfg = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,

@@ -97,7 +97,7 @@ CASES = {
     "top_k_1": dict(top_k=1),
     "top_k_big": dict(top_k=20),
     "top_p": dict(top_p=0.6),
-    "top_p_tie": dict(top_p=0.39),  # mass above the 3/4 block is 0.22 < 0.39 -> both tied tokens kept
+    "top_p_tie": dict(top_p=0.25),  # mass above the 3/4 block 0.197 < 0.25 < 0.305 -> both tied tokens kept
     "top_p_1": dict(top_p=1.0),
     "top_p_tiny": dict(top_p=1e-6),
     "min_p": dict(min_p=0.25),
@@ -149,7 +149,7 @@ def test_filter_expected_kept_sets():
     """The documented tie rules, spelled out (guards the reference itself)."""
     assert (ref_probs(LOGITS, top_k=7) > 0).sum() == 9
     assert (ref_probs(LOGITS, top_k=2) > 0).sum() == 3
-    assert set(np.nonzero(ref_probs(LOGITS, top_p=0.39))[0]) == {12, 3, 4}
+    assert set(np.nonzero(ref_probs(LOGITS, top_p=0.25))[0]) == {12, 3, 4}
     assert set(np.nonzero(ref_probs(LOGITS, top_p=1e-6))[0]) == {12}
     tie_top = np.array([1.0, 1.0, 0.0, -1.0], np.float32)
     assert set(np.nonzero(ref_probs(tie_top, top_p=1e-6))[0]) == {0, 1}  # tied with the threshold token: kept
@@ -165,10 +165,22 @@ def test_tied_top_tokens_are_kept_together(draw_fn):
             np.testing.assert_allclose(lp, np.log(0.5), atol=1e-6)
 
 
+STRADDLE = np.array([2.0, 0.5, 0.5, 0.5, 0.0, -1.0, 0.5, 1.2], np.float32)  # the 0.5 block crosses bound 3
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.6, 0.95, 0.99])
+def test_tie_block_straddling_the_bound(draw_fn, top_p):
+    kw = dict(top_p=top_p)
+    _well_posed(STRADDLE, kw)
+    q = ref_probs(STRADDLE, **kw)
+    tok, lp, _ = draw_fn(STRADDLE, 20000, seed=int(top_p * 100), bound=3, **kw)
+    _chi2_check(tok, q, 20000)
+    np.testing.assert_allclose(lp, np.log(q[tok]), atol=2e-5)
+
+
 def test_greedy_draw_is_argmax_of_penalised_logits(draw_fn):
-    tok, lp, _ = draw_fn(LOGITS, 16, temperature=0.0, penalty=1.0, seen=SEEN)
-    # temperature 0 goes through the static greedy path in the engine; here the traced path with a
-    # tiny temperature must agree
+    # temperature 0 goes through the static greedy path in the engine; the traced path with a tiny
+    # temperature must agree with it
     tok2, _, _ = draw_fn(LOGITS, 16, temperature=1e-6, penalty=1.0, seen=SEEN)
     expect = np.argmax(LOGITS - 1.0 * SEEN)
     assert (tok2 == expect).all()
@@ -353,7 +365,7 @@ def test_stop_tokens_end_rows_and_mask_padding(qwen3):
         reasons.add(out.finish_reason_str[r])
         assert (out.tokens[r, L:] == PAD).all()
         assert (out.logprobs[r, L:] == 0).all() and (out.logprobs_raw[r, L:] == 0).all()
-        assert (out.logprobs[r, :L] < 0).all() or (out.logprobs[r, :L] <= 0).all()
+        assert np.isfinite(out.logprobs[r, :L]).all() and (out.logprobs[r, :L] <= 0).all()
     assert "stop" in reasons
     assert len(set(out.lengths.tolist())) > 1
 
@@ -370,8 +382,8 @@ def test_no_recompile_within_bucket(qwen3):
     assert sampler.num_compiles == before
     assert out.tokens.shape == (6, MAX_NEW)
     # a longer prompt moves to the next bucket: exactly one new prefill and one new decode program
-    sampler.generate(params, None, [[1] * 20, [2]], sc2)
-    assert sampler.num_compiles == before + 2 or sampler.batch_bucket(2) != sampler.batch_bucket(3)
+    sampler.generate(params, None, [[1] * 20, [2], [3, 4]], sc2)
+    assert sampler.num_compiles == before + 2
 
 
 def test_mesh_sharded_sampler_matches_single_device(qwen3_tiny):
