@@ -30,7 +30,7 @@ Order of the logit processing at every step (the order of vLLM's v0 sampler):
 All filters reduce to one probability threshold t per row (keep e >= t with e = exp(s - max s)).
 t is found inside the `filter_bound` (64) most likely tokens from `lax.top_k`; only when the kept
 set does not close inside that bound (top-k > bound, or top-p mass not reached within the bound) an
-exact bisection over the float32 bit patterns of the threshold (31 masked sums over the vocabulary)
+exact bisection over the float32 bit patterns of the threshold (at most 31 masked sums over the vocabulary)
 runs, under `lax.cond`, so no step ever sorts the vocabulary. Ties are decided on the float32
 probabilities.
 """
