@@ -214,7 +214,9 @@ def _sub(tree, *keys):
 
 def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale, positions,
                   segment_ids, kv_cache, cache_index, inv_freq, attn_impl, lora_dropout=None):
-    """One decoder layer. kv_cache: None or (k [B,S,K,D], v [B,S,K,D], cache segment ids [B,S]).
+    """One decoder layer. kv_cache: None or (k [L,B,S,K,D], v [L,B,S,K,D], layer index, cache segment
+    ids [B,S]): the whole stacked cache, of which only this layer's new slots are written (in place
+    when the cache is a loop carry), so a decode step never copies the cache.
 
     lora_dropout: None or (rate, key of this layer); each projection draws its own mask.
     """
@@ -243,14 +245,17 @@ def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale
         o = attention(q, k, v, segment_ids, segment_ids, 0, True, attn_impl)
         new_cache = None
     else:
-        ck, cv, cseg = kv_cache
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        ck_all, cv_all, layer, cseg = kv_cache
+        at = (layer, 0, cache_index, 0, 0)
+        ck_all = jax.lax.dynamic_update_slice(ck_all, k[None].astype(ck_all.dtype), at)
+        cv_all = jax.lax.dynamic_update_slice(cv_all, v[None].astype(cv_all.dtype), at)
+        ck = jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False)
         ck = constrain(ck, ("act_batch", "cache_seq", "act_kv_heads", "act_head_dim"))
         cv = constrain(cv, ("act_batch", "cache_seq", "act_kv_heads", "act_head_dim"))
         o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), segment_ids, cseg, cache_index, True,
                       "xla" if attn_impl == "pallas" else attn_impl)
-        new_cache = (ck, cv)
+        new_cache = (ck_all, cv_all)
     o = dense(o.reshape(B, T, H * D), attn_p["o_proj"], _sub(attn_l, "o_proj"), lora_scale, drop(3))
     h = h + o
     h = constrain(h, ("act_batch", "act_seq", "act_embed"))
@@ -324,13 +329,15 @@ def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelCon
         idx = cache["index"]
         cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), idx, axis=1)
 
-        def body(h, xs):
-            lp, ll, dk, ck, cv = xs
-            h, (ck, cv) = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, (ck, cv, cseg), idx,
-                                        inv_freq, attn_impl, layer_drop(dk))
-            return h, (ck, cv)
-        h, (ks, vs) = jax.lax.scan(_remat(body, remat), h,
-                                   (params["layers"], layer_lora, drop_keys, cache["k"], cache["v"]))
+        def body(carry, xs):
+            h, ck, cv = carry
+            lp, ll, dk, layer = xs
+            h, (ck, cv) = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, (ck, cv, layer, cseg),
+                                        idx, inv_freq, attn_impl, layer_drop(dk))
+            return (h, ck, cv), None
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, ks, vs), _ = jax.lax.scan(_remat(body, remat), (h, cache["k"], cache["v"]),
+                                      (params["layers"], layer_lora, drop_keys, layers))
         new_cache = {"k": ks, "v": vs, "segment_ids": cseg, "index": idx + T}
 
     h = rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
