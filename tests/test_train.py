@@ -177,10 +177,15 @@ def test_malformed_data_file_names_file_and_row(assets, tmp_path):
 
 
 def test_overlong_examples_are_counted(assets, tmp_path):
+    full = TR.Trainer(_cfg(assets, "opsd", tmp_path), progress=False, log=lambda *a: None)
+    lengths = sorted(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in full.records)
+    limit = lengths[len(lengths) // 2]
     logs = []
-    tr = TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_prompt_tokens": 96}), progress=False, log=logs.append)
-    assert any("dropped" in m and "max_prompt_tokens" in m for m in logs), logs
-    assert 0 < len(tr.records) < 32
+    tr = TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_prompt_tokens": limit}), progress=False,
+                    log=logs.append)
+    n_drop = sum(n > limit for n in lengths)
+    assert 0 < n_drop < len(lengths) and len(tr.records) == len(lengths) - n_drop
+    assert any(f"{n_drop} of {len(lengths)} examples dropped" in m and "max_prompt_tokens" in m for m in logs), logs
 
 
 def test_help_lists_options(capsys):
