@@ -169,7 +169,7 @@ def load_model(cfg: EvalConfig, mesh, progress: bool = True):
 def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     from tqdm import tqdm
 
-    from jsdr.data.prompts import render_prompt, student_messages
+    from jsdr.data.prompts import render_prompt, stop_token_ids, student_messages
     from jsdr.data.rewards import grade
     from jsdr.sampling import Sampler
 
@@ -189,14 +189,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
                 done[(json.loads(ln)["benchmark"], json.loads(ln)["problem_index"])] == n]
         samples_path.write_text("".join(ln + "\n" for ln in keep))
         done = {k: c for k, c in done.items() if c == n}
-    stop_ids = set(cfg.sampling.stop_token_ids)
-    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tok.convert_tokens_to_ids(t)
-        if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
-            stop_ids.add(tid)
-    if tok.eos_token_id is not None:
-        stop_ids.add(int(tok.eos_token_id))
-    sc = dataclasses.replace(cfg.sampling, stop_token_ids=tuple(sorted(stop_ids)))
+    sc = dataclasses.replace(cfg.sampling, stop_token_ids=stop_token_ids(tok, cfg.sampling.stop_token_ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sampler = Sampler(mcfg, mesh=mesh, pad_id=int(pad))
 

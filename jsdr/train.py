@@ -282,15 +282,8 @@ class Trainer:
         return int(t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0))
 
     def _stop_ids(self) -> tuple[int, ...]:
-        ids = set(self.cfg.rollout.stop_token_ids)
-        t = self.tokenizer
-        if t.eos_token_id is not None:
-            ids.add(int(t.eos_token_id))
-        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = t.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid >= 0 and tid != t.unk_token_id:
-                ids.add(tid)
-        return tuple(sorted(ids))
+        from jsdr.data.prompts import stop_token_ids
+        return stop_token_ids(self.tokenizer, self.cfg.rollout.stop_token_ids)
 
     def _load_records(self) -> list[dict]:
         d = self.cfg.data

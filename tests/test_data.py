@@ -351,3 +351,12 @@ def test_benchmark_registry_and_local_copies(tmp_path):
     assert D.load_spec("aime24", path=str(g), fields={"problem": "q", "answer": "a"})[0]["answer"] == "3"
     with pytest.raises(D.DataError, match="unknown benchmark 'aime23'"):
         D.load_spec("aime23")
+
+
+def test_stop_token_ids_of_a_chat_tokenizer():
+    from jsdr.data import toy
+    from jsdr.data.prompts import stop_token_ids
+    tok = toy.build_tokenizer()
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert stop_token_ids(tok) == tuple(sorted({im_end, eot}))
+    assert stop_token_ids(tok, extra=(7,)) == tuple(sorted({im_end, eot, 7}))

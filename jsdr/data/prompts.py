@@ -244,3 +244,20 @@ def render_sft_example(tokenizer, problem: str, solution: str,
     response = _as_id_list(tokenizer.encode(solution, add_special_tokens=False))
     response.append(end_of_turn_id(tokenizer, end_token))
     return SFTExample(tuple(prompt), tuple(response))
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+def stop_token_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """Ids that end a generated turn: `extra`, the tokenizer's EOS, and the chat end markers of the
+    supported families that this vocabulary has as single tokens."""
+    ids = {int(i) for i in extra}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name in END_OF_TURN_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid >= 0 and tid != unk:
+            ids.add(tid)
+    return tuple(sorted(ids))
