@@ -15,6 +15,7 @@ the frozen base weights are an argument of the step, never part of the state or 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -134,7 +135,8 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
         lora = optax.apply_updates(state["lora"], updates)
         new = dict(state, lora=lora, opt_state=opt_state, step=state["step"] + 1)
         if "ema" in state:
-            new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], lora)
+            from jsdr.losses.opsd import ema_update
+            new["ema"] = ema_update(state["ema"], lora, ema_decay)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return new, metrics
 
@@ -146,13 +148,16 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
 # resumed run sees exactly the records the uninterrupted run would have seen.
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_records: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_records) if shuffle else np.arange(n_records)
+
+
 def record_indices(n_records: int, step: int, per_step: int, seed: int, shuffle: bool) -> list[int]:
-    out = []
-    for g in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(g, n_records)
-        order = np.random.default_rng([seed, epoch]).permutation(n_records) if shuffle else np.arange(n_records)
-        out.append(int(order[pos]))
-    return out
+    """Indices of the records of optimizer step `step`: position g of the stream is record
+    order_epoch[g mod n] with epoch = g // n and a seeded permutation per epoch."""
+    return [int(_epoch_order(n_records, seed, g // n_records, shuffle)[g % n_records])
+            for g in range(step * per_step, (step + 1) * per_step)]
 
 
 def bucket(n: int, multiple: int) -> int:

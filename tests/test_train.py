@@ -39,11 +39,13 @@ def _cfg(assets, method, out, **over):
     return C.from_dict(TrainConfig, data)
 
 
-@pytest.mark.parametrize("method", ["sft", "grpo", "opsd"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "opsd", "opsd-ema"])
 def test_overfit_fixed_batch_one_device(assets, tmp_path, method):
     """The loss of each method goes down when the same batch is stepped on repeatedly."""
+    method, _, teacher = method.partition("-")
+    over = {"opsd": {"teacher": teacher}} if teacher else {}
     tr = TR.Trainer(_cfg(assets, method, tmp_path, train={"grad_accum": 1, "per_device_batch": 4},
-                         optim={"learning_rate": 1e-2}, lora={"rank": 16, "alpha": 32}),
+                         optim={"learning_rate": 1e-2}, lora={"rank": 16, "alpha": 32}, **over),
                     progress=False, log=lambda *a: None)
     assert tr.mesh.devices.size == 1
     host, _ = tr.make_batch(0, jax.random.PRNGKey(0))
@@ -57,6 +59,10 @@ def test_overfit_fixed_batch_one_device(assets, tmp_path, method):
             tr.state, m = tr.step_fn()(tr.state, tr.params, batch, jax.random.PRNGKey(i))
             losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
+    if teacher == "ema":  # the EMA tree follows the student: decay * ema + (1 - decay) * lora, step by step
+        d = tr.cfg.opsd.ema_decay
+        assert 0 < float(jax.numpy.abs(jax.tree.leaves(tr.state["ema"])[1]).max()) \
+            < float(jax.numpy.abs(jax.tree.leaves(tr.state["lora"])[1]).max()) * (1 - d ** 25) * 1.01 + 1e-9
     if method == "grpo":  # the clipped surrogate of fixed old log-probs decreases as the ratio moves
         assert losses[-1] < losses[0] - 1e-3, losses
     else:
