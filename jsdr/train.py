@@ -631,16 +631,13 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-_SHOW = ("loss", "reward", "accuracy", "divergence", "tokens_per_s")
+_SHOW = {"loss": "loss", "reward/mean": "reward", "rollout/accuracy": "acc", "accuracy": "acc",
+         "div_mean": "div", "eval/accuracy": "eval_acc", "tokens_per_s": "tok/s"}
 
 
 def _postfix(m: dict) -> dict:
-    out = {}
-    for k, v in m.items():
-        short = k.split("/")[-1]
-        if any(short.startswith(s) for s in _SHOW):
-            out[short] = f"{v:.3g}"
-    return out
+    """The progress-bar fields: loss, reward or accuracy, divergence, tokens/s (tqdm adds the ETA)."""
+    return {short: f"{m[k]:.3g}" for k, short in _SHOW.items() if k in m}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
