@@ -20,6 +20,7 @@ import dataclasses
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -203,7 +204,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
         for start in range(0, len(todo), cfg.batch_prompts):
             chunk = todo[start:start + cfg.batch_prompts]
             prompts = [render_prompt(tok, student_messages(r["problem"]), cfg.thinking) for _, _, r in chunk]
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), chunk[0][1] + 7919 * len(done))
+            # the key depends only on the seed and the batch's first problem, not on what was resumed
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), zlib.crc32(f"{chunk[0][0]}:{chunk[0][1]}".encode()))
             with S.use_mesh(mesh):
                 out = sampler.generate(params, None, prompts, sc, rng=key)
             reasons = out.finish_reason_str
