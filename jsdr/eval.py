@@ -205,7 +205,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
             chunk = todo[start:start + cfg.batch_prompts]
             prompts = [render_prompt(tok, student_messages(r["problem"]), cfg.thinking) for _, _, r in chunk]
             # the key depends only on the seed and the batch's first problem, not on what was resumed
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), zlib.crc32(f"{chunk[0][0]}:{chunk[0][1]}".encode()) & 0x7FFFFFFF)
+            tag = zlib.crc32(f"{chunk[0][0]}:{chunk[0][1]}".encode()) & 0x7FFFFFFF
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), tag)
             with S.use_mesh(mesh):
                 out = sampler.generate(params, None, prompts, sc, rng=key)
             reasons = out.finish_reason_str
