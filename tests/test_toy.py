@@ -95,6 +95,50 @@ def test_difficulty_grows_with_parameter():
     assert {p["difficulty"] for p in mixed} == set(range(1, 7))
 
 
+def test_recovery_examples_start_wrong_and_return_to_the_reference():
+    import random
+    rng = random.Random(0)
+    all_wrong = 0
+    for ex in toy.make_problems(200, seed=1, difficulty=(1, 5)):
+        prefix, cont = toy.recovery_example(ex, rng)
+        ref_lines = ex["solution"].split("\n")
+        bad_lines = prefix.split("\n")[:-1]
+        j = len(bad_lines)
+        assert prefix.endswith("\n") and 1 <= j <= ex["difficulty"]
+        assert cont["solution"] == "\n".join(ref_lines[j:])  # the reference's remaining lines, boxed answer last
+        assert toy.boxed_answer(cont["solution"]) == ex["answer"]
+        assert bad_lines != ref_lines[:j]  # the prefix holds at least one mistake
+        # the prefix is a consistent chain of its own: true arithmetic on the lines, same labels
+        x = int(bad_lines[0].split(": ")[1].split(" ")[0])
+        for i, line in enumerate(bad_lines):
+            head, rest = line.split(": ")
+            lhs, rhs = rest.split(" = ")
+            exact, red = rhs.split(" -> ")
+            assert head[0] == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] and int(lhs.split(" ")[0]) == x
+            assert eval(lhs) == int(exact) and int(exact) % 10 == int(red)
+            x = int(red)
+        all_wrong += j == ex["difficulty"]
+    assert 70 < all_wrong < 150  # about half of them (plus every one-operation chain)
+
+
+def test_warm_start_stream_mixes_roles_and_recovery():
+    import itertools
+    tok = toy.build_tokenizer()
+    s = toy.ToySettings(teacher_fraction=0.6, recovery_fraction=0.5, teacher_difficulty=(3, 3))
+    ref = toy.REFERENCE_HEADER
+    n_teacher = n_recovery = 0
+    for prompt, completion in itertools.islice(toy._example_stream(tok, s, s.teacher_fraction), 300):
+        text = tok.decode(prompt)
+        if ref not in text:
+            continue
+        n_teacher += 1
+        answer_turn = text.rsplit("<|im_start|>assistant\n", 1)[1]
+        n_recovery += bool(answer_turn.replace("<think>\n\n</think>\n\n", ""))  # lines already written
+        assert tok.decode(completion).endswith("}." + toy.EOS_TOKEN)
+        assert text.count("\n") > 0 and len([l for l in text.split("\n") if " -> " in l]) >= 3
+    assert 140 < n_teacher < 220 and 0.3 < n_recovery / n_teacher < 0.7
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizer and chat template
 

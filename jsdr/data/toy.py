@@ -307,14 +307,17 @@ class ToySettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    steps: int = 1500
+    steps: int = 1200
     batch_rows: int = 4
     row_len: int = 256
     learning_rate: float = 4e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    teacher_fraction: float = 0.5  # share of warm-start examples in the teacher role
-    train_difficulty: tuple[int, int] = TRAIN_DIFFICULTY
+    teacher_fraction: float = 0.65  # share of warm-start examples in the teacher role (after the copy phase)
+    copy_steps: int = 0  # first steps with teacher-role examples only (the copy circuit forms first)
+    recovery_fraction: float = 0.7  # share of teacher-role examples that start from wrong lines (see below)
+    train_difficulty: tuple[int, int] = TRAIN_DIFFICULTY  # operations of the student-role examples
+    teacher_difficulty: tuple[int, int] = TRAIN_DIFFICULTY  # operations of the teacher-role examples
     seed: int = 0
 
 
@@ -335,12 +338,41 @@ def hf_config(settings: ToySettings, tokenizer) -> dict:
     return d
 
 
-def encode_example(tokenizer, ex: dict, role: str, enable_thinking: bool) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one example; the completion is solution + <|im_end|>."""
+def encode_example(tokenizer, ex: dict, role: str, enable_thinking: bool,
+                   wrong_prefix: str = "") -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one example; the completion is solution + <|im_end|>.
+
+    wrong_prefix: lines the assistant has already written (ending in a newline), appended to the
+    prompt (so no loss is put on them); the completion then is what follows them."""
     msg = student_prompt(ex["problem"]) if role == "student" else teacher_prompt(ex["problem"], ex["solution"])
-    prompt = tokenizer.encode(render_chat(tokenizer, msg, enable_thinking), add_special_tokens=False)
+    prompt = tokenizer.encode(render_chat(tokenizer, msg, enable_thinking) + wrong_prefix, add_special_tokens=False)
     completion = tokenizer.encode(ex["solution"], add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(EOS_TOKEN)]
     return prompt, completion
+
+
+def recovery_example(ex: dict, rng: random.Random) -> tuple[str, dict]:
+    """(wrong prefix, continuation) for a teacher-role example that starts from mistakes.
+
+    The first j lines (j = operations for half of them, else 1 <= j < operations) are those of a corrupted chain (another start value, or
+    one operation of the first j replaced: the look-up errors a student makes); the continuation is
+    the reference's lines j+1.. and its boxed answer. Trained on the continuation only, the teacher
+    learns to return to the reference (and to take its final answer from it) after a student's
+    mistake, which a model that only recomputes the chain cannot do."""
+    start, ops = parse_problem(ex["problem"])
+    # half of them: every line wrong, so that only the reference holds the answer to box
+    j = len(ops) if len(ops) == 1 or rng.random() < 0.5 else rng.randint(1, len(ops) - 1)
+    bad_start, bad_ops = start, list(ops)
+    while (bad_start, bad_ops[:j]) == (start, list(ops[:j])):
+        if rng.random() < 0.5:
+            bad_start = rng.randrange(MOD)
+        else:
+            i = rng.randrange(j)
+            op = rng.choice(OPS)
+            bad_ops[i] = (op, _operand(rng, op))
+    bad_lines = solve(bad_start, bad_ops)[0].split("\n")[:j]
+    prefix = "\n".join(_label(i) + line[1:] for i, line in enumerate(bad_lines)) + "\n"
+    rest = "\n".join(ex["solution"].split("\n")[j:])
+    return prefix, dict(ex, solution=rest, reference=ex["solution"])
 
 
 def _pack(examples: list[tuple[list[int], list[int]]], rows: int, row_len: int):
@@ -372,16 +404,34 @@ def _pack(examples: list[tuple[list[int], list[int]]], rows: int, row_len: int):
     return (tok, seg, pos, tgt, w), used
 
 
-def _example_stream(tokenizer, settings: ToySettings):
-    """Endless (prompt, completion) pairs for the warm start: both roles, both thinking modes."""
-    rng = random.Random(settings.seed)
+def _problem_stream(seed: int, difficulty: tuple[int, int]):
     chunk = 0
     while True:
-        for ex in make_problems(512, seed=100 + 1000 * settings.seed + chunk,
-                                difficulty=settings.train_difficulty, split="train"):
-            role = "teacher" if rng.random() < settings.teacher_fraction else "student"
-            yield encode_example(tokenizer, ex, role, enable_thinking=rng.random() < 0.5)
+        yield from make_problems(512, seed=seed + chunk, difficulty=difficulty, split="train")
         chunk += 1
+
+
+def _example_stream(tokenizer, settings: ToySettings, teacher_fraction: float, phase: int = 0):
+    """Endless (prompt, completion) pairs for the warm start: both roles (teacher-role examples with
+    probability teacher_fraction, on chains of settings.teacher_difficulty operations), both
+    thinking modes."""
+    rng = random.Random(f"{settings.seed}-{phase}")
+    base = 100 + 1000 * settings.seed + 100_000 * phase
+    student = _problem_stream(base, tuple(settings.train_difficulty))
+    teacher = _problem_stream(base + 500, tuple(settings.teacher_difficulty))
+    while True:
+        role = "teacher" if rng.random() < teacher_fraction else "student"
+        ex = next(teacher if role == "teacher" else student)
+        thinking = rng.random() < 0.5
+        if role == "teacher" and rng.random() < settings.recovery_fraction:
+            prefix, cont = recovery_example(ex, rng)
+            # the teacher prompt shows the full reference; the completion is the continuation
+            msg_ex = dict(ex)
+            p, _ = encode_example(tokenizer, msg_ex, role, thinking, wrong_prefix=prefix)
+            c = tokenizer.encode(cont["solution"], add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(EOS_TOKEN)]
+            yield p, c
+        else:
+            yield encode_example(tokenizer, ex, role, enable_thinking=thinking)
 
 
 def warm_start(settings: ToySettings, tokenizer, progress: bool = True, callback=None):
@@ -413,7 +463,7 @@ def warm_start(settings: ToySettings, tokenizer, progress: bool = True, callback
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
 
-    stream = _example_stream(tokenizer, settings)
+    stream = _example_stream(tokenizer, settings, 1.0 if settings.copy_steps > 0 else settings.teacher_fraction)
     pending: list = []
     log = []
     bar = None
@@ -422,6 +472,8 @@ def warm_start(settings: ToySettings, tokenizer, progress: bool = True, callback
         bar = tqdm(total=settings.steps, desc="toy warm start (SFT)", unit="step")
     t0 = time.time()
     for i in range(settings.steps):
+        if i == settings.copy_steps and i > 0:  # end of the copy phase: both roles from here on
+            stream, pending = _example_stream(tokenizer, settings, settings.teacher_fraction, phase=1), []
         while len(pending) < settings.batch_rows * 8:
             pending.append(next(stream))
         batch, used = _pack(pending, settings.batch_rows, settings.row_len)
