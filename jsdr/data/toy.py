@@ -18,9 +18,10 @@ answer::
 
 Difficulty is the number of operations. Every line needs a look-up in the problem (the operation
 with that label), the value of the line before and one of 260 arithmetic facts; a tiny model
-learns the format at once and the rest only partly in a short warm start. With the reference
-solution in its context (the OPSD teacher role) the same look-up mechanism (an induction head
-keyed on the line label) copies the answer line by line.
+learns the format at once and the rest only partly in a short warm start. The teacher role (the
+reference solution in the prompt) is trained partly on "recovery" examples - wrong lines already
+written, the reference's continuation as target - so that the model learns to read the reference
+(a clean, teacher-forced solution never needs it: the problem text gives the same look-ups).
 """
 
 from __future__ import annotations
