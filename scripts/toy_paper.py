@@ -44,7 +44,9 @@ def run_one(method: str, seed: int, out: Path, steps: int | None, eval_every: in
         r = json.loads(line)
         if "eval/accuracy" in r and r["step"] > 0:
             curve.append((r["step"], r.get("rollout_tokens", trainer.rollout_tokens), r["eval/accuracy"]))
-    curve[-1] = (curve[-1][0], trainer.rollout_tokens, summary["eval/accuracy_after"])
+    # the final score replaces a periodic one logged at the same (last) step
+    curve = [c for c in curve if c[0] != summary["step"]] + [(summary["step"], trainer.rollout_tokens,
+                                                              summary["eval/accuracy_after"])]
     return {"method": method, "seed": seed, "before": summary["eval/accuracy_before"],
             "after": summary["eval/accuracy_after"], "rollout_tokens": trainer.rollout_tokens,
             "wall_s": wall, "curve": curve}
@@ -80,7 +82,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"sft": "tab:gray", "grpo": "tab:blue", "opsd": "tab:red"}
     for r in results:
-        steps, toks, acc = zip(*r["curve"])
+        by_step = {c[0]: c for c in r["curve"]}  # one point per step (the last one logged)
+        steps, toks, acc = zip(*sorted(by_step.values()))
         label = r["method"] if r["seed"] == min(x["seed"] for x in results) else None
         ax1.plot(steps, [100 * a for a in acc], color=colors[r["method"]], alpha=0.8, label=label, marker=".")
         if r["method"] != "sft":
