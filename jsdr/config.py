@@ -265,6 +265,59 @@ def _type_name(tp) -> str:
     return s + ("|None" if optional else "")
 
 
+def type_name_of(cls, key: str) -> str:
+    """Name of the dataclass that holds the field at dotted `key`."""
+    for part in key.split(".")[:-1]:
+        cls, _ = _strip_optional(_hints(cls)[part])
+    return cls.__name__
+
+
+# Help of fields whose dataclasses live beside their code (they carry docstrings, not metadata).
+FIELD_HELP = {
+    "LoraConfig.rank": "LoRA rank r",
+    "LoraConfig.alpha": "LoRA alpha; the delta is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
+    "LoraConfig.dropout": "dropout on the input of every LoRA path (training only)",
+    "LoraConfig.target_modules": "projections with an adapter (PEFT names) or all-linear",
+    "LoraConfig.use_rslora": "rank-stabilised scaling alpha / sqrt(r)",
+    "SamplingConfig.temperature": "rollout temperature (0 = greedy)",
+    "SamplingConfig.top_p": "nucleus filter on probabilities (1 = off)",
+    "SamplingConfig.top_k": "keep the k most likely tokens (-1 = off)",
+    "SamplingConfig.min_p": "drop tokens below min_p x the top probability (0 = off)",
+    "SamplingConfig.presence_penalty": "subtracted from the logits of tokens already generated (0 = off)",
+    "SamplingConfig.n": "samples per prompt (GRPO: the group size)",
+    "SamplingConfig.max_new_tokens": "rollouts are cut at this length",
+    "SamplingConfig.stop_token_ids": "extra stop ids (EOS and chat end markers are always added)",
+    "SamplingConfig.seed": "sampling seed",
+    "PromptTemplates.student": "student user message; {problem} is filled in",
+    "PromptTemplates.teacher": "teacher user message; {problem} and {solution} are filled in",
+    "PromptTemplates.student_thinking": "Qwen3 thinking mode in the student prompt (and GRPO/SFT/eval prompts)",
+    "PromptTemplates.teacher_thinking": "Qwen3 thinking mode in the OPSD teacher prompt",
+    "PromptTemplates.system": "optional system message for both roles",
+    "SFTConfig.reduction": "token: mean over all response tokens | sequence: per example, then over examples",
+    "SFTConfig.chunk_size": "positions per lm-head chunk (None = one chunk)",
+    "GRPOConfig.epsilon_low": "ratio clip below: 1 - epsilon_low",
+    "GRPOConfig.epsilon_high": "ratio clip above: 1 + epsilon_high (DAPO uses a larger value)",
+    "GRPOConfig.beta": "weight of the k3 KL to the base model (0 = no reference forward)",
+    "GRPOConfig.std_normalization": "divide group-centred rewards by the group std (+ adv_eps)",
+    "GRPOConfig.adv_eps": "added to the group std",
+    "GRPOConfig.aggregation": "grpo: per sequence then batch | dapo: all tokens | dr_grpo: sum / (B x max_len)",
+    "GRPOConfig.num_generations": "group size; must equal rollout.n",
+    "GRPOConfig.temperature": "logits / temperature in the loss; must equal rollout.temperature",
+    "GRPOConfig.max_completion_length": "dr_grpo normaliser (None = the batch's row length)",
+    "GRPOConfig.chunk_size": "positions per lm-head chunk (None = one chunk)",
+    "OPSDConfig.beta": "generalized JSD weight, TRL convention: 0 = forward KL(teacher||student), 1 = reverse KL",
+    "OPSDConfig.temperature": "teacher and student logits are divided by it",
+    "OPSDConfig.clip_tau": "cap of the per-token divergence (v3 of the paper; None = off)",
+    "OPSDConfig.clip_mode": "token: clip each position's divergence | vocab: clip each vocabulary term",
+    "OPSDConfig.reduction": "sequence: mean per rollout, then over rollouts (paper) | token: over all tokens",
+    "OPSDConfig.variant": "full: whole vocabulary | sampled_token: advantage on the sampled token | top_k",
+    "OPSDConfig.top_k": "teacher top-k support of the top_k variant",
+    "OPSDConfig.teacher": "fixed: base weights (LoRA off) | live: current weights | ema: moving average",
+    "OPSDConfig.ema_decay": "decay of the ema teacher",
+    "OPSDConfig.chunk_size": "rollout positions per lm-head chunk (None = one chunk)",
+}
+
+
 def help_text(cls, defaults=None) -> str:
     """Every option with its type, default and help, grouped by section."""
     defaults = defaults if defaults is not None else cls()
@@ -280,8 +333,9 @@ def help_text(cls, defaults=None) -> str:
         if isinstance(value, tuple):
             value = ",".join(map(str, value))
         lines.append(f"  --{key}={value}  ({_type_name(tp)})")
-        if f.metadata.get("help"):
-            lines.append(f"      {f.metadata['help']}")
+        text = f.metadata.get("help") or FIELD_HELP.get(f"{type_name_of(cls, key)}.{f.name}")
+        if text:
+            lines.append(f"      {text}")
     return "\n".join(lines)
 
 

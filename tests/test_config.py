@@ -70,3 +70,11 @@ def test_help_lists_every_option_with_default():
                 "--inner.limit=None"):
         assert key in text
     assert "learning rate" in text and "x|y" in text
+
+
+def test_every_train_and_eval_option_has_help():
+    from jsdr.eval import EvalConfig
+    for cls in (C.TrainConfig, EvalConfig):
+        missing = [key for key, f, _ in C.leaf_paths(cls)
+                   if not (f.metadata.get("help") or C.FIELD_HELP.get(f"{C.type_name_of(cls, key)}.{f.name}"))]
+        assert not missing, missing
