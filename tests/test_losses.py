@@ -696,16 +696,20 @@ def test_opsd_teacher_weights(tiny):
 QWEN3_1_7B_HIDDEN, QWEN3_VOCAB, ROLLOUT = 2048, 151936, 2048
 
 
+def _load_bench_losses():
+    """scripts/bench_losses.py (the naive full-logits OPSD head lives there, beside the figures it prints)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def naive_opsd_head_loss(hs, ht, y, mask, w, cfg):
     """The straightforward version: full [B, N, V] logits of both roles, plain autodiff."""
-    s = jnp.einsum("bne,ev->bnv", hs, w, preferred_element_type=jnp.float32) / cfg.temperature
-    t = jax.lax.stop_gradient(jnp.einsum("bne,ev->bnv", ht, w, preferred_element_type=jnp.float32)) / cfg.temperature
-    lt, ls = jax.nn.log_softmax(t, -1), jax.nn.log_softmax(s, -1)
-    b = cfg.beta
-    mix = jnp.logaddexp(lt + np.log(b), ls + np.log1p(-b))
-    div = jnp.sum(b * jnp.exp(lt) * (lt - mix) + (1 - b) * jnp.exp(ls) * (ls - mix), -1)
-    div = jnp.minimum(div, cfg.clip_tau)
-    return jnp.sum(jnp.sum(div * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1)) / hs.shape[0]
+    return _load_bench_losses().naive_opsd_head_loss(hs, ht, y, mask, w, cfg)
 
 
 def opsd_head_temp_bytes(loss_fn, dtype=jnp.float32, batch=1):
