@@ -14,33 +14,17 @@ import torch
 from jsdr import sharding
 from jsdr.model import hf, lora as LR
 from jsdr.model import transformer as T
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, jsdr_logits, left_padded_batch, logit_tol, torch_logits
 
 B, L = 3, 20
 ATTN_SUBSET = ("q_proj", "v_proj", "down_proj")
 
 
 def _batch(seed=0, vocab=256):
-    rs = np.random.RandomState(seed)
-    tokens = rs.randint(0, vocab, (B, L)).astype(np.int32)
-    lens = np.array([L, L - 6, L - 13])
-    seg = (np.arange(L)[None, :] >= (L - lens)[:, None]).astype(np.int32)  # left padding
-    return tokens, seg
+    return left_padded_batch(seed, B, L, [0, 6, 13], vocab)
 
 
-def _tol(ref):
-    return 1e-4 * max(1.0, float(np.abs(ref).max()))
-
-
-def _jsdr_logits(params, cfg, tokens, seg, lora=None, scale=1.0, **kw):
-    pos = T.positions_from_segments(jnp.asarray(seg))
-    return np.asarray(T.forward(params, jnp.asarray(tokens), pos, jnp.asarray(seg), cfg, lora, scale, **kw))
-
-
-def _torch_logits(model, tokens, seg):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                     attention_mask=torch.tensor(seg, dtype=torch.long)).logits.float().numpy()
+_tol, _torch_logits, _jsdr_logits = logit_tol, torch_logits, jsdr_logits
 
 
 def _peft_model(model_dir, adapter_dir, trainable=False):

@@ -11,7 +11,7 @@ import torch
 from jsdr import sharding
 from jsdr.model import hf
 from jsdr.model import transformer as T
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, jsdr_logits, left_padded_batch, logit_tol, torch_logits
 
 # (family, overrides): GQA ratios, tied/untied, qkv bias, rope scaling, unusual head_dim
 CONFIGS = {
@@ -31,26 +31,10 @@ B, L = 3, 24
 
 
 def _batch(seed=0, vocab=256):
-    rs = np.random.RandomState(seed)
-    tokens = rs.randint(0, vocab, (B, L)).astype(np.int32)
-    lens = np.array([L, L - 7, L - 15])
-    seg = (np.arange(L)[None, :] >= (L - lens)[:, None]).astype(np.int32)  # left padding
-    return tokens, seg
+    return left_padded_batch(seed, B, L, [0, 7, 15], vocab)
 
 
-def _tol(ref):
-    return 1e-4 * max(1.0, float(np.abs(ref).max()))
-
-
-def _torch_logits(model, tokens, seg):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                     attention_mask=torch.tensor(seg, dtype=torch.long)).logits.float().numpy()
-
-
-def _jsdr_logits(params, cfg, tokens, seg, **kw):
-    pos = T.positions_from_segments(jnp.asarray(seg))
-    return np.asarray(T.forward(params, jnp.asarray(tokens), pos, jnp.asarray(seg), cfg, **kw))
+_tol, _torch_logits, _jsdr_logits = logit_tol, torch_logits, jsdr_logits
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -42,3 +42,39 @@ def build_tiny_model(family: str, out_dir: str | Path | None = None, seed: int =
         kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         model.save_pretrained(out_dir, **kw)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# logit-parity helpers shared by the model and LoRA tests
+
+
+def left_padded_batch(seed: int, batch: int, length: int, pads, vocab: int = 256):
+    """(tokens, segment ids) int32 [batch, length]; row i has pads[i] left-padding slots (segment 0)."""
+    import numpy as np
+    rs = np.random.RandomState(seed)
+    tokens = rs.randint(0, vocab, (batch, length)).astype(np.int32)
+    seg = (np.arange(length)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+    return tokens, seg
+
+
+def logit_tol(ref) -> float:
+    """The parity tolerance: 1e-4 relative to the logit scale."""
+    import numpy as np
+    return 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def torch_logits(model, tokens, seg):
+    """float32 numpy logits of a transformers model with attention mask = segment ids != 0."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(seg, dtype=torch.long)).logits.float().numpy()
+
+
+def jsdr_logits(params, cfg, tokens, seg, lora=None, scale=1.0, **kw):
+    """numpy logits of jsdr's forward, positions derived from the segment ids."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jsdr.model import transformer as T
+    pos = T.positions_from_segments(jnp.asarray(seg))
+    return np.asarray(T.forward(params, jnp.asarray(tokens), pos, jnp.asarray(seg), cfg, lora, scale, **kw))
