@@ -65,7 +65,7 @@ def build_config(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
     method = overrides.get("method")
     yaml_data = C.read_yaml(cfg_path) if cfg_path else {}
     method = method or yaml_data.get("method") or "opsd"
-    method = C.convert(method, TrainConfig.__annotations__ and C._hints(TrainConfig)["method"], "method")
+    method = C.convert(method, C._hints(TrainConfig)["method"], "method")
     base = C.METHOD_DEFAULTS[method]
     toy_note = None
     if cfg_path is None:
@@ -291,14 +291,10 @@ class Trainer:
         return stop_token_ids(self.tokenizer, self.cfg.rollout.stop_token_ids)
 
     def _load_records(self) -> list[dict]:
-        d = self.cfg.data
-        if d.train == "toy":
+        if self.cfg.data.train == "toy":
             from jsdr.data import toy
-            return toy.make_problems(split="train", seed=self.cfg.seed, **toy.TRAIN_DEFAULTS) \
-                if hasattr(toy, "TRAIN_DEFAULTS") else toy.make_problems(4096, seed=0, split="train")
-        from jsdr.data.datasets import load_records
-        fields = {"problem": d.problem_field, "solution": d.solution_field, "answer": d.answer_field}
-        return load_records(d.train, split=d.split, fields=fields, limit=d.limit)
+            return toy.make_problems(split="train", seed=self.cfg.seed, **toy.TRAIN_DEFAULTS)
+        return self._read(self.cfg.data.train, self.cfg.data.split, self.cfg.data.limit)
 
     def _load_eval_records(self) -> list[dict]:
         d = self.cfg.data
@@ -307,9 +303,13 @@ class Trainer:
         if d.eval == "toy":
             from jsdr.data import toy
             return toy.toy_benchmark(d.eval_limit)
+        return self._read(d.eval, d.eval_split, d.eval_limit)
+
+    def _read(self, source: str, split: str, limit: int | None) -> list[dict]:
         from jsdr.data.datasets import load_records
+        d = self.cfg.data
         fields = {"problem": d.problem_field, "solution": d.solution_field, "answer": d.answer_field}
-        return load_records(d.eval, split=d.eval_split, fields=fields, limit=d.eval_limit)
+        return load_records(source, split=split, fields=fields, limit=limit)
 
     # -- data stream ---------------------------------------------------------------------------
 
