@@ -217,6 +217,102 @@ def test_fallback_thresholds_exact_on_large_vocab():
     assert checked >= B - 2
 
 
+@pytest.mark.parametrize("V,k", [(100, 8), (4000, 8), (4001, 64), (32000, 64), (151936, 64)])
+def test_top_candidates_equal_lax_top_k(V, k):
+    """The two-stage top-k returns lax.top_k's values *and* indices, ties and tie order included."""
+    rs = np.random.RandomState(V)
+    B = 7
+    e = np.exp(rs.standard_normal((B, V)) * 2).astype(np.float32)
+    e[1] = np.round(e[1] * 4) / 4  # many ties everywhere, across blocks
+    e[2] = 1.0  # the whole row tied
+    e[3, rs.choice(V, 3 * k, replace=False)] = e[3].max()  # a tie block wider than k at the top
+    e[4, :V // 2] = 0.0  # zeros
+    e[5] = np.round(e[5], 1)  # a wide tie at the k-th value, spread over many blocks
+    e[6] = 0.5  # k/2 large values in the last blocks, the rest of the top-k from a tie everywhere:
+    e[6, V - k // 2:] = np.linspace(2, 3, k // 2)  # lax.top_k takes the tied 0.5s by lowest index
+    e = jnp.asarray(e / e.max(-1, keepdims=True))
+    want_v, want_i = jax.lax.top_k(e, k)
+    got_v, got_i = jax.jit(lambda e: S.top_candidates(e, k))(e)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    assert S._block_for(V, k) == 0 or V >= 16 * k  # the first case runs the plain path, the rest two stages
+
+
+def _threshold_ref(ev, target, mass):
+    """Smallest element v with f(v) < target, f(x) = sum (mass) or count of the elements > x; float64."""
+    ev = ev.astype(np.float64)
+    vals = np.unique(ev)[::-1]  # descending distinct values
+    w = np.array([ev[ev == v].sum() if mass else (ev == v).sum() for v in vals])
+    f_at = np.cumsum(w) - w  # f(v) = weight strictly above v
+    return vals[f_at < target].min(), f_at, vals
+
+
+@pytest.mark.parametrize("mass", [True, False])
+@pytest.mark.parametrize("margin", [0.5, 100.0])
+def test_bracket_threshold_exact(mass, margin):
+    """The early-stopping bracket search equals the float64 rule, for wide tie blocks at the threshold
+    and with a margin so loose that the extraction misses elements and the bisection must finish."""
+    rs = np.random.RandomState(7)
+    B, V = 10, 6000
+    logits = (rs.standard_normal((B, V)) * rs.uniform(0.3, 3, (B, 1))).astype(np.float32)
+    logits[3] = np.round(logits[3], 1)  # ties everywhere
+    logits[5, :300] = np.float32(-1.0)  # a 300-way block; targets below put the cut inside it
+    e = np.asarray(jnp.exp(logits - logits.max(-1, keepdims=True)))
+    if mass:
+        frac = rs.uniform(0.3, 0.99, B)
+        target = (frac * e.astype(np.float64).sum(-1)).astype(np.float32)
+        m5 = e[5].astype(np.float64)
+        target[5] = np.float32(m5[m5 > m5[0]].sum() + 150.5 * m5[0])  # the cut lands inside the block
+    else:
+        target = rs.randint(65, V, B).astype(np.int32)
+        target[5] = int((e[5] > e[5, 0]).sum()) + 150
+    active = np.arange(B) != 8
+    t = jax.jit(lambda e, tg, a: S.bracket_threshold(e, tg, jnp.ones(B), jnp.zeros(B), a, mass=mass,
+                                                     margin=margin))(e, target, active)
+    t = np.asarray(t)
+    checked = 0
+    for b in range(B):
+        if not active[b]:
+            continue
+        ref, f_at, vals = _threshold_ref(e[b], float(target[b]), mass)
+        if mass and np.min(np.abs(f_at - target[b])) < 1e-5 * f_at.max():
+            continue  # knife edge between float32 and float64 sums
+        assert t[b] == ref, (b, t[b], ref)
+        checked += 1
+    assert checked >= 7
+    assert t[5] == e[5, 0]  # the cut inside the 300-way block keeps the whole block
+
+
+def test_filter_threshold_flat_rows_skip_bounded_values():
+    """When no row can close inside the bound (flat rows, top-p only), the bounded values are skipped
+    and every kept set still equals the float64 rule; mixed batches take both paths."""
+    rs = np.random.RandomState(3)
+    V, B = 5000, 8
+    logits = (rs.standard_normal((B, V)) * 0.3).astype(np.float32)
+    e = np.asarray(jnp.exp(logits - logits.max(-1, keepdims=True)))
+    f = jax.jit(lambda e, k, p, m: S.filter_threshold(e, k, p, m, bound=16))
+    for top_k, top_p in [(np.full(B, -1), np.full(B, 0.95)),  # all flat: no bounded values
+                         (np.where(np.arange(B) < 2, 10, -1), np.full(B, 0.9))]:  # two rows need them
+        t, _, _, closed = f(e, top_k.astype(np.int32), top_p.astype(np.float32), np.zeros(B, np.float32))
+        t, closed = np.asarray(t), np.asarray(closed)
+        for b in range(B):
+            ev = e[b].astype(np.float64)
+            kth = np.sort(ev)[::-1][top_k[b] - 1] if top_k[b] > 0 else 0.0
+            k_keep = ev >= kth
+            zk = ev[k_keep].sum()
+            ref_t, f_at, vals = _threshold_ref(np.where(k_keep, ev, 0.0), top_p[b] * zk, True)
+            np.testing.assert_array_equal(e[b] >= t[b], k_keep & (ev >= ref_t), err_msg=f"row {b}")
+            assert closed[b] == (top_k[b] > 0)
+
+
+def test_first_argmax_matches_numpy_with_ties():
+    rs = np.random.RandomState(0)
+    x = np.round(rs.standard_normal((6, 3000)), 1).astype(np.float32)  # many ties at the maximum
+    x[2] = -np.inf
+    x[3, [5, 17, 2999]] = 100.0
+    np.testing.assert_array_equal(np.asarray(jax.jit(S._first_argmax)(x)), x.argmax(-1))
+
+
 def test_no_full_vocabulary_sort_in_compiled_filter():
     V = 5000
     f = jax.jit(lambda lg, u: S.sample_logits(lg, u, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01))
