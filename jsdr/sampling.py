@@ -496,15 +496,17 @@ class Sampler:
         Bp, P = seg.shape
         B = Bp * n
         V = cfg.vocab_size
-        cache_names = (None, "act_batch", "cache_seq", "act_kv_heads", "act_head_dim")
         con = sharding.constrain
 
         def rep(x, axis=0):
             return jnp.repeat(x, n, axis=axis) if n > 1 else x
 
-        widen = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
-        cache = {"k": con(jnp.pad(rep(pk, 1), widen), cache_names),
-                 "v": con(jnp.pad(rep(pv, 1), widen), cache_names),
+        def widen(x, name):  # n copies of every prompt row, then max_new empty slots
+            pad = [(0, 0)] * x.ndim
+            pad[T.CACHE_SEQ_AXIS[name]] = (0, max_new)
+            return con(jnp.pad(rep(x, 1), pad), T.CACHE_AXES[name])
+
+        cache = {"k": widen(pk, "k"), "v": widen(pv, "v"),
                  "segment_ids": con(jnp.pad(rep(seg), ((0, 0), (0, max_new))), ("act_batch", "cache_seq")),
                  "index": jnp.asarray(P, jnp.int32)}
         logits = con(rep(logits0), ("act_batch", None))

@@ -5,7 +5,8 @@
 
 A random Qwen3 model is built with transformers, saved, and loaded into jsdr. Both sides generate
 `--new` tokens for `--batch` prompts of `--prompt` tokens with top-p sampling (transformers with
-top_k=0 so only top-p filters, no EOS so every row runs to the end). Reported: median tokens/s over
+top_k=0 so only top-p filters, no EOS so every row runs to the end; `--temperature 0` is greedy on
+both sides). Reported: median tokens/s over
 `--repeats` runs after a warm-up, jsdr's compile time (first call minus a warm call), and the ratio.
 """
 
@@ -107,11 +108,14 @@ def main(argv=None):
     def run_hf(seed):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
+        if args.temperature > 0:
+            knobs = dict(do_sample=True, top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else 0,
+                         temperature=args.temperature)
+        else:  # greedy on both sides
+            knobs = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=args.top_p,
-                                 top_k=args.top_k if args.top_k > 0 else 0, temperature=args.temperature,
-                                 max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0,
-                                 eos_token_id=None)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                                 min_new_tokens=args.new, pad_token_id=0, eos_token_id=None, **knobs)
         dt = time.perf_counter() - t0
         assert out.shape[1] == args.prompt + args.new, out.shape
         return dt

@@ -146,6 +146,28 @@ def test_dispatch_registers_pallas():
     assert _rel_err(np.asarray(a), np.asarray(b)) <= F32_TOL
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_cache_kv_layout_matches_reference(impl):
+    """kv_layout="cache" (k [B,K,D,S], v [B,K,S,D]): native in xla, transposed views for pallas;
+    decode-shaped (one query at a traced cache offset) and prefill-shaped calls, with gradients."""
+    for T, S, off in [(1, 24, 17), (24, 24, 0)]:
+        q, k, v, do, _, kseg = _inputs(3, T, S, 4, 2, 16, jnp.float32, "left", seed=5)
+        qseg = kseg[:, off:off + T]
+        kc, vc = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+        def cached(off, q, kc, vc):
+            return A.attention(q, kc, vc, qseg, kseg, off, True, impl=impl, kv_layout="cache")
+
+        p = jax.jit(lambda off, *a: _vjp(functools.partial(cached, off), *a))(jnp.int32(off), q, kc, vc, do)
+        r = _vjp(lambda q, k, v: F.reference_attention(q, k, v, qseg, kseg, off, causal=True), q, k, v, do)
+        p = (p[0], p[1], p[2].transpose(0, 3, 1, 2), p[3].transpose(0, 2, 1, 3))  # grads back to [B,S,K,D]
+        for what, a, ref in zip(("out", "dq", "dk", "dv"), p, r):
+            err = _rel_err(np.asarray(a), np.asarray(ref))
+            assert err <= F32_TOL, f"{impl} T={T} {what}: {err:.2e}"
+    with pytest.raises(ValueError, match="kv_layout 'bksd' unknown"):
+        A.attention(q, k, v, qseg, kseg, 0, True, kv_layout="bksd")
+
+
 def test_sharded_mesh_matches_reference():
     """Under use_mesh the kernel runs in shard_map: batch over data x fsdp, heads over tensor."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))

@@ -214,9 +214,9 @@ def _sub(tree, *keys):
 
 def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale, positions,
                   segment_ids, kv_cache, cache_index, inv_freq, attn_impl, lora_dropout=None):
-    """One decoder layer. kv_cache: None or (k [L,B,S,K,D], v [L,B,S,K,D], layer index, cache segment
-    ids [B,S]): the whole stacked cache, of which only this layer's new slots are written (in place
-    when the cache is a loop carry), so a decode step never copies the cache.
+    """One decoder layer. kv_cache: None or (k [L,B,K,D,S], v [L,B,K,S,D], layer index, cache segment
+    ids [B,S]): the whole stacked cache (see `init_cache`), of which only this layer's new slots are
+    written (in place when the cache is a loop carry), so a decode step never copies the cache.
 
     lora_dropout: None or (rate, key of this layer); each projection draws its own mask.
     """
@@ -245,16 +245,15 @@ def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale
         o = attention(q, k, v, segment_ids, segment_ids, 0, True, attn_impl)
         new_cache = None
     else:
-        ck_all, cv_all, layer, cseg = kv_cache
-        at = (layer, 0, cache_index, 0, 0)
-        ck_all = jax.lax.dynamic_update_slice(ck_all, k[None].astype(ck_all.dtype), at)
-        cv_all = jax.lax.dynamic_update_slice(cv_all, v[None].astype(cv_all.dtype), at)
-        ck = jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False)
-        cv = jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False)
-        ck = constrain(ck, ("act_batch", "cache_seq", "act_kv_heads", "act_head_dim"))
-        cv = constrain(cv, ("act_batch", "cache_seq", "act_kv_heads", "act_head_dim"))
+        ck_all, cv_all, layer, cseg = kv_cache  # [L, B, K, D, S] / [L, B, K, S, D]
+        ck_all = jax.lax.dynamic_update_slice(ck_all, k.transpose(0, 2, 3, 1)[None].astype(ck_all.dtype),
+                                              (layer, 0, 0, 0, cache_index))
+        cv_all = jax.lax.dynamic_update_slice(cv_all, v.transpose(0, 2, 1, 3)[None].astype(cv_all.dtype),
+                                              (layer, 0, 0, cache_index, 0))
+        ck = constrain(jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False), CACHE_AXES["k"][1:])
+        cv = constrain(jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False), CACHE_AXES["v"][1:])
         o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), segment_ids, cseg, cache_index, True,
-                      "xla" if attn_impl == "pallas" else attn_impl)
+                      "xla" if attn_impl == "pallas" else attn_impl, kv_layout="cache")
         new_cache = (ck_all, cv_all)
     o = dense(o.reshape(B, T, H * D), attn_p["o_proj"], _sub(attn_l, "o_proj"), lora_scale, drop(3))
     h = h + o
@@ -283,10 +282,20 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
 
 
+# Logical axes of the KV cache. Keys are stored [L, B, K, D, S] and values [L, B, K, S, D]: the two
+# attention matmuls of a decode step (q k^T over D, p v over S) then read each layer's slice as it
+# lies, where [B, S, K, D] made XLA transpose the whole cache of every layer at every step (on CPU
+# that was a quarter of a decode step of the layers). attention(..., kv_layout="cache") reads it.
+CACHE_AXES = {"k": ("layers", "act_batch", "act_kv_heads", "act_head_dim", "cache_seq"),
+              "v": ("layers", "act_batch", "act_kv_heads", "cache_seq", "act_head_dim")}
+CACHE_SEQ_AXIS = {name: axes.index("cache_seq") for name, axes in CACHE_AXES.items()}
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache for `length` slots: k/v [L, B, S, K, D], segment ids [B, S], write index."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    """An empty KV cache for `length` slots: k [L, B, K, D, S], v [L, B, K, S, D] (see CACHE_AXES),
+    segment ids [B, S] (0 = empty slot), write index."""
+    L, K, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    return {"k": jnp.zeros((L, batch, K, D, length), dtype), "v": jnp.zeros((L, batch, K, length, D), dtype),
             "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
