@@ -598,19 +598,17 @@ class Sampler:
             return jnp.asarray(x)
         return jax.device_put(x, sharding.batch_sharding(x.ndim, self.mesh, self.rules, shape=x.shape))
 
-    def generate(self, params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
-                 rng: jax.Array | None = None) -> SampleOutput:
-        """Sample `sc.n` completions for every prompt; see the module docstring for the semantics."""
+    def _host_inputs(self, prompts, sc: SamplingConfig, rng) -> dict:
+        """Left-padded, bucketed host arrays of one call (see `generate`)."""
         if not isinstance(sc, SamplingConfig):
             raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
         rows = self._check_prompts(prompts)
         N = len(rows)
-        longest = max(len(r) for r in rows)
-        P = _bucket(longest, self.prompt_buckets)
+        P = _bucket(max(len(r) for r in rows), self.prompt_buckets)
         if P + sc.max_new_tokens > self.cfg.max_position_embeddings:
             import warnings
             warnings.warn(f"prompt bucket {P} + max_new_tokens {sc.max_new_tokens} exceeds the model's "
-                          f"max_position_embeddings={self.cfg.max_position_embeddings}", stacklevel=2)
+                          f"max_position_embeddings={self.cfg.max_position_embeddings}", stacklevel=3)
         Bp = self.batch_bucket(N)
         tokens = np.full((Bp, P), self.pad_id, np.int32)
         seg = np.zeros((Bp, P), np.int32)
@@ -619,29 +617,65 @@ class Sampler:
             tokens[i, P - len(r):] = r
             seg[i, P - len(r):] = 1
             lens[i] = len(r)
-        active = np.arange(Bp) < N
-        n = sc.n
-        row_ids = np.arange(Bp * n, dtype=np.int32)
         stops = list(sc.stop_token_ids)
         slots = max(_STOP_SLOTS, -(-len(stops) // _STOP_SLOTS) * _STOP_SLOTS)
         stop_arr = np.full((slots,), -1, np.int32)
         stop_arr[:len(stops)] = stops
         knobs = np.array([sc.temperature if sc.temperature > 0 else 1.0, sc.top_p, sc.min_p, sc.presence_penalty,
                           sc.top_k], np.float32)
-        key = jax.random.PRNGKey(sc.seed) if rng is None else rng
+        return dict(N=N, Bp=Bp, tokens=tokens, seg=seg, lens=lens, active=np.arange(Bp) < N,
+                    row_ids=np.arange(Bp * sc.n, dtype=np.int32), stop_arr=stop_arr, knobs=knobs,
+                    key=jax.random.PRNGKey(sc.seed) if rng is None else rng)
 
+    def _decode_args(self, x: dict, logits0, pk, pv) -> tuple:
+        return (logits0, pk, pv, self._put(x["seg"]), self._put(x["lens"]), self._put(x["active"]),
+                self._put(x["row_ids"]), x["key"], jnp.asarray(x["knobs"]), jnp.asarray(x["stop_arr"]))
+
+    @staticmethod
+    def _decode_static(sc: SamplingConfig) -> dict:
+        return dict(n=sc.n, max_new=sc.max_new_tokens, greedy=sc.greedy, filtered=sc.filtered,
+                    penalty=sc.presence_penalty != 0)
+
+    def generate(self, params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
+                 rng: jax.Array | None = None) -> SampleOutput:
+        """Sample `sc.n` completions for every prompt; see the module docstring for the semantics."""
+        x = self._host_inputs(prompts, sc, rng)
+        N, n = x["N"], sc.n
         with self._ctx():
-            logits0, pk, pv = self._prefill(params, lora, self._put(tokens), self._put(seg))
-            self.prefill_rows += Bp
-            self.decode_rows += Bp * n
-            out = self._decode(params, lora, logits0, pk, pv, self._put(seg), self._put(lens), self._put(active),
-                               self._put(row_ids), key, jnp.asarray(knobs), jnp.asarray(stop_arr), n=n,
-                               max_new=sc.max_new_tokens, greedy=sc.greedy, filtered=sc.filtered,
-                               penalty=sc.presence_penalty != 0)
-        out_t, out_lp, out_raw, lengths, stopped = (np.asarray(x)[:N * n] for x in out)
+            logits0, pk, pv = self._prefill(params, lora, self._put(x["tokens"]), self._put(x["seg"]))
+            self.prefill_rows += x["Bp"]
+            self.decode_rows += x["Bp"] * n
+            out = self._decode(params, lora, *self._decode_args(x, logits0, pk, pv), **self._decode_static(sc))
+        out_t, out_lp, out_raw, lengths, stopped = (np.asarray(a)[:N * n] for a in out)
         return SampleOutput(tokens=out_t, logprobs=out_lp, logprobs_raw=out_raw, lengths=lengths.astype(np.int32),
                             finish_reason=np.where(stopped, 0, 1).astype(np.int8),
                             prompt_index=(np.arange(N * n) // n).astype(np.int32))
+
+    def memory_analysis(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
+        """XLA's memory analysis of the prefill and decode programs of a `generate` call with
+        `num_prompts` prompts of `prompt_len` tokens: {"prefill"|"decode": {"argument", "output",
+        "temp"}} in bytes (per device under a mesh). The programs are compiled, not run; params and
+        lora may be arrays or jax.ShapeDtypeStructs. The decode "argument" holds the params and the
+        prompt cache, "temp" the widened KV cache (n samples x (prompt bucket + max_new_tokens)) and
+        the loop's buffers: what a rollout batch needs on the device beyond the weights.
+        """
+        if num_prompts < 1 or prompt_len < 1:
+            raise ValueError(f"num_prompts={num_prompts} and prompt_len={prompt_len} must be >= 1")
+        x = self._host_inputs([[self.pad_id] * prompt_len] * num_prompts, sc, None)
+        compiles = self.num_compiles
+        with self._ctx():
+            tokens, seg = self._put(x["tokens"]), self._put(x["seg"])
+            prefill = self._prefill.lower(params, lora, tokens, seg).compile()
+            logits0, pk, pv = jax.eval_shape(self._prefill, params, lora, tokens, seg)
+            decode = self._decode.lower(params, lora, *self._decode_args(x, logits0, pk, pv),
+                                        **self._decode_static(sc)).compile()
+        self.num_compiles = compiles  # analysis compiles are not generate's programs
+        out = {}
+        for name, prog in (("prefill", prefill), ("decode", decode)):
+            ma = prog.memory_analysis()
+            out[name] = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+                         "temp": int(ma.temp_size_in_bytes)}
+        return out
 
 
 _SAMPLERS: dict[Any, Sampler] = {}

@@ -1,13 +1,16 @@
 """Sampling throughput: jsdr's jitted sampler vs transformers `generate`, same model, same work.
 
     python scripts/bench_sampling.py [--hidden 256 --layers 4 --vocab 32000 --batch 8 --prompt 64
-                                      --new 128 --top-p 0.95 --temperature 1.0 --repeats 3]
+                                      --new 128 --top-p 0.95 --temperature 1.0 --repeats 5]
 
 A random Qwen3 model is built with transformers, saved, and loaded into jsdr. Both sides generate
 `--new` tokens for `--batch` prompts of `--prompt` tokens with top-p sampling (transformers with
 top_k=0 so only top-p filters, no EOS so every row runs to the end; `--temperature 0` is greedy on
-both sides). Reported: median tokens/s over
-`--repeats` runs after a warm-up, jsdr's compile time (first call minus a warm call), and the ratio.
+both sides). Each side is warmed up, then timed over `--repeats` runs, one side after the other.
+Reported: median tokens/s, jsdr's compile time (first call minus a warm call), the ratio of the
+medians and the ratio of the fastest runs, and the peak memory beyond the weights (jsdr: XLA's
+memory analysis of its prefill and decode programs; transformers: growth of the process's peak
+resident set over its first generate call).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import peak_reset, peak_since  # noqa: E402
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +47,7 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logit-scale", type=float, default=1.0,
                     help="multiply the lm_head weights (>1 makes the distribution peakier)")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
@@ -81,26 +87,18 @@ def main(argv=None):
     # ---- jsdr
     sampler = Sampler(cfg, pad_id=0, prompt_buckets=(args.prompt,))
 
+    def make_sc(seed):
+        return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.new, seed=seed)
+
     def run_jsdr(seed):
-        sc = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.new, seed=seed)
+        sc = make_sc(seed)
         t0 = time.perf_counter()
         out = sampler.generate(params, None, list(prompts), sc)
         dt = time.perf_counter() - t0
         assert out.lengths.min() == args.new, out.lengths
         return dt
 
-    first = run_jsdr(0)
-    jsdr_times = [run_jsdr(i + 1) for i in range(args.repeats)]
-    jsdr_med = statistics.median(jsdr_times)
-    compile_s = first - jsdr_med
-    jsdr_tps = new_tokens / jsdr_med
-    print(f"jsdr:         {jsdr_tps:10.1f} tokens/s  (median {jsdr_med * 1e3:.1f} ms over {args.repeats}: "
-          f"{', '.join(f'{t * 1e3:.0f}' for t in jsdr_times)} ms); first call {first:.2f} s, "
-          f"compile ~{compile_s:.2f} s; programs compiled: {sampler.num_compiles}")
-
-    if args.skip_hf:
-        return
     # ---- transformers
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
@@ -120,13 +118,40 @@ def main(argv=None):
         assert out.shape[1] == args.prompt + args.new, out.shape
         return dt
 
-    run_hf(0)
-    hf_times = [run_hf(i + 1) for i in range(args.repeats)]
-    hf_med = statistics.median(hf_times)
-    hf_tps = new_tokens / hf_med
-    print(f"transformers: {hf_tps:10.1f} tokens/s  (median {hf_med * 1e3:.1f} ms over {args.repeats}: "
-          f"{', '.join(f'{t * 1e3:.0f}' for t in hf_times)} ms)")
-    print(f"ratio jsdr / transformers: {jsdr_tps / hf_tps:.2f}x")
+    # ---- timing: one side after the other, each warmed up first. (Alternating the two in one process
+    # slowed both by 10-100%: each framework's thread pool spin-waits after its work and takes the
+    # cores from the other on a 2-core machine.)
+    first = run_jsdr(0)
+    compile_s = first - run_jsdr(0)
+    jsdr_times = [run_jsdr(i + 1) for i in range(args.repeats)]
+    # memory beyond the weights: jsdr's from XLA's analysis of its two programs (buffers the
+    # programs allocate: KV cache, logits, loop state); transformers' as the growth of the process's
+    # peak resident set over its first generate call (the same measure as scripts/bench_forward.py)
+    ma = sampler.memory_analysis(params, None, args.batch, args.prompt, make_sc(0))
+    mem = {"jsdr": max(m["temp"] + m["output"] for m in ma.values())}
+    hf_times = []
+    if not args.skip_hf:
+        base = peak_reset()
+        run_hf(0)
+        mem["transformers"] = peak_since(base)
+        hf_times = [run_hf(i + 1) for i in range(args.repeats)]
+
+    def report(name, times):
+        med = statistics.median(times)
+        print(f"{name:13s} {new_tokens / med:10.1f} tokens/s  (median {med * 1e3:.1f} ms over {len(times)}: "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in times)} ms)")
+        return med
+
+    jsdr_med = report("jsdr:", jsdr_times)
+    print(f"              first call {first:.2f} s, compile ~{compile_s:.2f} s; programs compiled: "
+          f"{sampler.num_compiles}")
+    print("peak memory beyond the weights: " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in mem.items())
+          + " (jsdr: XLA memory analysis; transformers: peak-RSS growth of its first call)")
+    if args.skip_hf:
+        return
+    hf_med = report("transformers:", hf_times)
+    print(f"ratio jsdr / transformers: {hf_med / jsdr_med:.2f}x (medians); "
+          f"{min(hf_times) / min(jsdr_times):.2f}x (fastest runs)")
 
 
 if __name__ == "__main__":

@@ -482,6 +482,26 @@ def test_no_recompile_within_bucket(qwen3):
     assert sampler.num_compiles == before + 2
 
 
+def test_memory_analysis_counts_the_widened_cache(qwen3):
+    """memory_analysis compiles the call's programs without running them; the decode program's
+    buffers hold at least the n-times widened KV cache, and grow with n and max_new_tokens."""
+    params, cfg, _, sampler = qwen3
+    before = sampler.num_compiles
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    small = sampler.memory_analysis(shapes, None, 3, 10, SamplingConfig(n=1, max_new_tokens=8))
+    big = sampler.memory_analysis(params, None, 3, 10, SamplingConfig(n=4, max_new_tokens=40))
+    assert sampler.num_compiles == before
+    assert set(big) == {"prefill", "decode"} and set(big["decode"]) == {"argument", "output", "temp"}
+    param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    assert big["decode"]["argument"] >= param_bytes
+    rows = sampler.batch_bucket(3) * 4
+    cache = 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * (16 + 40) * 4  # bucket 16, float32
+    assert big["decode"]["temp"] + big["decode"]["output"] >= cache
+    assert big["decode"]["temp"] > small["decode"]["temp"]
+    with pytest.raises(ValueError, match="num_prompts=0"):
+        sampler.memory_analysis(params, None, 0, 10, SamplingConfig())
+
+
 def test_mesh_sharded_sampler_matches_single_device(qwen3_tiny):
     d, model = qwen3_tiny
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))

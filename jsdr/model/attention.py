@@ -6,8 +6,10 @@
 q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (grouped-query attention; K/V are never
 repeated in memory). kv_layout="cache" takes the KV cache's layout instead: k [B, K, D, S] and
 v [B, K, S, D], the operands of the two attention matmuls exactly as a dot reads them, so a decode
-step never transposes the cache; implementations without a native cache path get transposed views. Segment ids are int32 [B, T] / [B, S]: 0 marks padding (or an unwritten cache
-slot), equal non-zero ids may attend to each other (sequence packing). Causality is by array slot:
+step never transposes the cache; implementations without a native cache path get transposed views.
+
+Segment ids are int32 [B, T] / [B, S]: 0 marks padding (or an unwritten cache slot), equal
+non-zero ids may attend to each other (sequence packing). Causality is by array slot:
 query i sits at slot `q_offset + i` of the key array and sees key slots <= its own. With a KV cache
 `q_offset` is the cache write index; in training it is 0 and T == S.
 
