@@ -191,12 +191,14 @@ def top_candidates(e: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def bracket_threshold(e: jax.Array, target: jax.Array, hi_value: jax.Array, f_hi: jax.Array, active: jax.Array,
-                      *, mass: bool, cands: int = FILTER_BOUND, margin: float = 0.5) -> jax.Array:
+                      *, mass: bool, cands: int = FILTER_BOUND, margin: float = 0.5,
+                      total: jax.Array | None = None) -> jax.Array:
     """Exact keep-threshold t [B] (keep e >= t) of a descending walk over e [B, V] >= 0.
 
     f(x) = sum of e over e > x (`mass`) or the count of e > x; t is the smallest value of e with
     f(t) < target: the top-p cut (target = top_p * mass) or the k-th largest value (target = k).
-    hi_value [B] must satisfy f(hi_value) < target, and f_hi = f(hi_value).
+    hi_value [B] must satisfy f(hi_value) < target, and f_hi = f(hi_value). total: the row sums of e
+    when the caller has them (mass only; computed otherwise).
 
     Bisection on the float32 bit pattern keeps f(lo) >= target > f(hi). A row stops early once its
     bracket (lo, hi] holds fewer than `cands` elements (exactly known for counts; for mass, bounded
@@ -209,7 +211,8 @@ def bracket_threshold(e: jax.Array, target: jax.Array, hi_value: jax.Array, f_hi
     B, V = e.shape
     cands = min(cands, V)
     if mass:
-        f_lo, target, f_hi = jnp.sum(e, axis=-1), target.astype(jnp.float32), f_hi.astype(jnp.float32)
+        f_lo = jnp.sum(e, axis=-1) if total is None else total
+        target, f_hi = target.astype(jnp.float32), f_hi.astype(jnp.float32)
     else:
         f_lo, target, f_hi = jnp.full((B,), V, jnp.int32), target.astype(jnp.int32), f_hi.astype(jnp.int32)
     hi = _f2b(hi_value)
@@ -265,18 +268,21 @@ def filter_threshold(e: jax.Array, top_k, top_p, min_p, bound: int = FILTER_BOUN
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))
     min_p = jnp.broadcast_to(jnp.asarray(min_p, jnp.float32), (B,))
     ones = jnp.ones((B,), jnp.float32)  # the row maximum: nothing lies above it
+    zeros = jnp.zeros((B,), jnp.float32)
+    z_all = jnp.sum(e, axis=-1)  # the one full-row sum; the kept masses below are only recomputed under a cut
 
-    # top-k: threshold = k-th largest value (0 = off)
+    # top-k: threshold = k-th largest value (0 = off), and the mass it keeps
     k_eff = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    small_k = k_eff <= KB
-    big_k = (k_eff > KB) & (k_eff < V)
-    tk_big = jax.lax.cond(jnp.any(big_k), lambda: bracket_threshold(e, k_eff, ones, jnp.zeros((B,)), big_k, mass=False,
-                                                                    cands=KB),
-                          lambda: jnp.zeros((B,), jnp.float32))
-    tk_big = jnp.where(big_k, tk_big, 0.0)
-    zk_big = jnp.sum(jnp.where(e >= tk_big[:, None], e, 0.0), axis=-1)  # mass kept by top-k, except small-k rows
+    small_k = (k_eff <= KB) & (k_eff < V)  # cut read off the bounded values
+    big_k = (k_eff > KB) & (k_eff < V)  # cut by the bracket search
+
+    def k_bracket():
+        t = jnp.where(big_k, bracket_threshold(e, k_eff, ones, zeros, big_k, mass=False, cands=KB), 0.0)
+        return t, jnp.sum(jnp.where(e >= t[:, None], e, 0.0), axis=-1)
+
+    tk_big, zk_big = jax.lax.cond(jnp.any(big_k), k_bracket, lambda: (zeros, z_all))  # small-k rows: 0, z_all
     p_off = top_p >= 1.0
-    have = jnp.any(small_k | (~p_off & (top_p * zk_big <= KB - 1)))
+    have = jnp.any((k_eff <= KB) | (~p_off & (top_p * zk_big <= KB - 1)))
 
     def bounded():
         # the barrier keeps XLA from fusing the top-k into its consumers, which turns it back into a
@@ -286,8 +292,9 @@ def filter_threshold(e: jax.Array, top_k, top_p, min_p, bound: int = FILTER_BOUN
     vals, idx = jax.lax.cond(have, bounded, lambda: (jnp.zeros((B, KB), jnp.float32), jnp.zeros((B, KB), jnp.int32)))
     last = jnp.where(have, vals[:, -1], jnp.inf)  # without the bounded values nothing counts as closed
     tk_small = jnp.take_along_axis(vals, jnp.clip(k_eff - 1, 0, KB - 1)[:, None], axis=1)[:, 0]
-    tk = jnp.where(small_k & (k_eff < V), tk_small, tk_big)
-    zk = jnp.where(small_k & (k_eff < V), jnp.sum(jnp.where(e >= tk[:, None], e, 0.0), axis=-1), zk_big)
+    tk = jnp.where(small_k, tk_small, tk_big)
+    zk = jax.lax.cond(jnp.any(small_k), lambda: jnp.sum(jnp.where(e >= tk[:, None], e, 0.0), axis=-1),
+                      lambda: zk_big)
 
     # top-p on the top-k distribution: keep v when the mass strictly above v is < top_p * Z_k
     p_mass = top_p * zk
@@ -301,7 +308,7 @@ def filter_threshold(e: jax.Array, top_k, top_p, min_p, bound: int = FILTER_BOUN
     closed_p = p_off | (have & ((above[:, -1] >= p_mass) | (last < tk)))
     need_p = ~closed_p
     tp_big = jax.lax.cond(jnp.any(need_p),
-                          lambda: bracket_threshold(e, p_mass, ones, jnp.zeros((B,)), need_p, mass=True, cands=KB),
+                          lambda: bracket_threshold(e, p_mass, ones, zeros, need_p, mass=True, cands=KB, total=z_all),
                           lambda: jnp.zeros((B,), jnp.float32))
     tp = jnp.where(p_off, 0.0, jnp.where(closed_p, tp_small, tp_big))
 

@@ -103,14 +103,15 @@ def main(argv=None):
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
 
+    if args.temperature > 0:
+        knobs = dict(do_sample=True, top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else 0,
+                     temperature=args.temperature)
+    else:  # greedy on both sides
+        knobs = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+
     def run_hf(seed):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        if args.temperature > 0:
-            knobs = dict(do_sample=True, top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else 0,
-                         temperature=args.temperature)
-        else:  # greedy on both sides
-            knobs = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
                                  min_new_tokens=args.new, pad_token_id=0, eos_token_id=None, **knobs)
