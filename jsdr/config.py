@@ -19,6 +19,7 @@ themselves; it only converts plain data to dataclasses and back:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,8 +27,10 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 
 import yaml
 
+from jsdr.errors import JsdrError
 
-class ConfigError(ValueError):
+
+class ConfigError(JsdrError, ValueError):
     """A bad configuration value; the message names the key."""
 
 
@@ -107,7 +110,10 @@ def convert(value: Any, tp, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return out
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -133,13 +139,28 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + str(k) for k in unknown)}; "
                           f"{prefix.rstrip('.') or cls.__name__} accepts: {', '.join(names)}")
-    kwargs = {k: convert(v, hints[k], prefix + k) for k, v in data.items()}
+    defaults = {f.name: _field_default(f) for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        d = defaults.get(k)
+        if isinstance(v, dict) and dataclasses.is_dataclass(d) and not isinstance(d, type):
+            # a partial section keeps the enclosing default's other keys (not the section class's)
+            v = merge_dicts(to_dict(d), v)
+        kwargs[k] = convert(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
 
 
 def to_dict(cfg) -> dict:

@@ -25,11 +25,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jsdr.errors import JsdrError
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEFAULT_FIELDS = {"problem": "problem", "solution": "solution", "answer": "answer"}
 
 
-class DataError(ValueError):
+class DataError(JsdrError, ValueError):
     """A data source that cannot be read as asked; the message names the file/dataset and row."""
 
 

@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jsdr.errors import JsdrError
+
 from jsdr.model.transformer import ModelConfig, Params, param_axes, param_shapes
 from jsdr.sharding import logical_sharding
 
@@ -38,7 +40,7 @@ _ST_DTYPES = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JsdrError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
 
 
