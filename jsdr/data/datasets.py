@@ -28,6 +28,9 @@ from typing import Any
 from jsdr.errors import JsdrError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+# a longer JSON line, or a longer text field in any format, is an error (it is no problem record,
+# and reading it whole could exhaust memory)
+MAX_ROW_BYTES = 16 * 1024 ** 2
 DEFAULT_FIELDS = {"problem": "problem", "solution": "solution", "answer": "answer"}
 
 
@@ -90,29 +93,70 @@ TRAIN_DATASET = DatasetSpec(
 # readers: each yields (location, row) where location names the file and the row
 
 
+def _json_error(e: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON text, on one line."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "malformed JSON (nested too deeply)"
+    return f"malformed JSON ({' '.join(str(e).split())[:200]})"  # e.g. an integer of over 4300 digits
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
+    return DataError(f"{path}: cannot read (UnicodeDecodeError at line {line} column {column}: byte 0x{byte:02x} "
+                     f"is not UTF-8); re-encode the file as UTF-8")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_ROW_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            where = f"{path} line {lineno}"
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{where}: row longer than the limit of {MAX_ROW_BYTES} bytes; "
+                                f"is this a JSON lines file?")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", "replace")) + 1
+                raise _not_utf8(path, lineno, column, raw[e.start]) from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{where}: {_json_error(e)}") from None
+            yield where, row
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line_start = raw.rfind(b"\n", 0, start) + 1
+        column = len(raw[line_start:start].decode("utf-8", "replace")) + 1
+        raise _not_utf8(path, raw[:start].count(b"\n") + 1, column, raw[start]) from None
+    if not text.strip():
+        raise DataError(f"{path}: no records in this file (it is empty)")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         # a .json file holding JSON lines is common; read it as such if every line parses
         lines = [ln for ln in text.splitlines() if ln.strip()]
         if len(lines) > 1 and lines[0].lstrip().startswith("{"):
             yield from _read_jsonl(path)
             return
-        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if isinstance(e, json.JSONDecodeError):
+            raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: {_json_error(e)}") from None
     if isinstance(data, Mapping):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) == 1:
@@ -176,7 +220,7 @@ def _local_rows(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
         try:
             yield from reader(f)
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
+            raise DataError(f"{f}: cannot read ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _hub_rows(source: str, split: str, config: str | None) -> Iterator[tuple[str, Any]]:
@@ -189,7 +233,7 @@ def _hub_rows(source: str, split: str, config: str | None) -> Iterator[tuple[str
     except Exception as e:  # noqa: BLE001 - offline, missing, gated: all reported the same way
         raise DataError(
             f"cannot load hub dataset {source!r} (split {split!r}"
-            + (f", config {config!r}" if config else "") + f"): {type(e).__name__}: {e}\n"
+            + (f", config {config!r}" if config else "") + f"): {type(e).__name__}: {' '.join(str(e).split())[:300]}. "
             "Without a network, download it elsewhere (e.g. `hf download --repo-type dataset "
             f"{source} --local-dir DIR`) and pass the local .jsonl/.json/.parquet file or "
             "directory instead (set HF_HUB_OFFLINE=1 to skip the network retries)."
@@ -210,10 +254,15 @@ def _value(row: Mapping[str, Any], key: str, canonical: str, where: str) -> str:
     if isinstance(v, bool):
         raise DataError(f"{where}: field {key!r} is a boolean ({v}), expected text")
     if isinstance(v, int):
-        return str(v)
+        try:
+            return str(v)
+        except ValueError:  # over Python's 4300-digit limit
+            raise DataError(f"{where}: field {key!r} is an integer too long to turn into text") from None
     if isinstance(v, float):
         if math.isnan(v):
             raise DataError(f"{where}: field {key!r} is empty (NaN)")
+        if math.isinf(v):
+            raise DataError(f"{where}: field {key!r} is not a finite number ({v})")
         return str(int(v)) if v.is_integer() else repr(v)
     if v is None:
         raise DataError(f"{where}: field {key!r} is empty (null)")
@@ -221,6 +270,8 @@ def _value(row: Mapping[str, Any], key: str, canonical: str, where: str) -> str:
         raise DataError(f"{where}: field {key!r} must be text, got {type(v).__name__}")
     if not v.strip():
         raise DataError(f"{where}: field {key!r} is empty")
+    if len(v) > MAX_ROW_BYTES:
+        raise DataError(f"{where}: field {key!r} has {len(v)} characters, over the limit of {MAX_ROW_BYTES}")
     return v
 
 
@@ -269,6 +320,8 @@ def load_records(source: str, split: str = "train", fields: Mapping[str, str] | 
         rows = _hub_rows(source, split, config)
     records = _iter_records(rows, fields, extra_fields, limit)
     if not records and limit != 0:
+        if os.path.isfile(os.path.expanduser(source)):
+            raise DataError(f"{source}: no records in this file (it is empty or holds no rows)")
         raise DataError(f"{source}: no records" + (f" in split {split!r}" if split else ""))
     return records
 

@@ -71,6 +71,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source}: hidden_act={hf.get('hidden_act')!r} is not supported (silu)")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: mlp_bias=true is not supported")
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim"):
+        v = hf.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise CheckpointError(f"{source}: {k}={v!r} must be a positive integer")
     try:
         heads = hf["num_attention_heads"]
         return ModelConfig(
@@ -93,6 +98,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: invalid model sizes ({_one_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,18 +150,69 @@ def _get(tree, path):
 
 
 class SafetensorsFile:
+    """The header of a safetensors file, checked against the file size when opened; tensors are
+    memory-mapped on `get`. A bad header or a file cut short is a CheckpointError naming the file
+    (and the tensor and the byte counts)."""
+
+    MAX_HEADER = 100 * 1024 ** 2  # the safetensors format's own limit
+
     def __init__(self, path: str | Path):
         self.path = str(path)
         try:
+            size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
-        self.metadata = header.pop("__metadata__", {})
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes, "
+                                          f"shorter than the 8-byte header length)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, self.MAX_HEADER):
+                    raise CheckpointError(f"{self.path}: not a safetensors file or truncated (header length "
+                                          f"{n} bytes, but the file has {size} bytes)")
+                header = json.loads(f.read(n).decode("utf-8"))
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({_one_line(e)})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON: {_one_line(e)})") \
+                from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is a JSON "
+                                  f"{type(header).__name__}, not an object)")
+        self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
         self._offset = 8 + n
         self._mm: np.memmap | None = None
+        data_bytes = size - self._offset
+        for name, info in header.items():
+            self._check(name, info)
+        if header:
+            need = max(info["data_offsets"][1] for info in header.values())
+            if need > data_bytes:
+                name, info = min(((k, v) for k, v in header.items() if v["data_offsets"][1] > data_bytes),
+                                 key=lambda kv: kv[1]["data_offsets"][0])
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name} needs data bytes {info['data_offsets'][0]}-"
+                    f"{info['data_offsets'][1]}, but the file holds only {data_bytes} data bytes after its "
+                    f"{n}-byte header ({need} expected, {need - data_bytes} missing)")
+
+    def _check(self, name: str, info: Any) -> None:
+        def bad(what):
+            return CheckpointError(f"{self.path}: tensor {name}: {what}")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise bad(f"malformed header entry {str(info)[:200]!r} (needs dtype, shape, data_offsets)")
+        shape, offs = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"malformed shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise bad(f"malformed data_offsets {offs!r}")
+        start, end = offs
+        if info["dtype"] in _ST_DTYPES:
+            want = math.prod(shape) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+            if end - start != want:
+                raise bad(f"data_offsets {offs} hold {end - start} bytes, but {info['dtype']} {shape} needs {want}")
 
     def keys(self):
         return self.header.keys()
@@ -202,15 +260,22 @@ class TensorIndex:
         self.where: dict[str, SafetensorsFile] = {}
         if index.exists():
             try:
-                wmap = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: malformed safetensors index ({e})") from None
+                wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed safetensors index ({_one_line(e)})") from None
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot read ({_one_line(e)})") from None
+            if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+                raise CheckpointError(f"{index}: malformed safetensors index (weight_map must map tensor "
+                                      f"names to file names)")
             files: dict[str, SafetensorsFile] = {}
             for name, fname in wmap.items():
                 if fname not in files:
                     if not (d / fname).exists():
                         raise CheckpointError(f"{index}: lists {fname} for {name}, but {d / fname} does not exist")
                     files[fname] = SafetensorsFile(d / fname)
+                if name not in files[fname].header:
+                    raise CheckpointError(f"{index}: lists {fname} for {name}, but {d / fname} has no such tensor")
                 self.where[name] = files[fname]
         elif single.exists():
             f = SafetensorsFile(single)
@@ -231,31 +296,120 @@ class TensorIndex:
 # load
 
 
-def resolve_model_dir(path_or_id: str, revision: str | None = None) -> Path:
-    """A local directory as it is, or a hub id downloaded (config, tokenizer, safetensors) to the HF cache."""
+# files a tokenizer can be built from (any one of these sets), and the ones copied next to a saved model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+_TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an exception from another library, squeezed onto one line."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _looks_like_path(path_or_id: str) -> bool:
+    """A local path rather than a hub id (`owner/name`): absolute, starting with . or ~, more than
+    one separator, or something that exists."""
+    s = str(path_or_id)
+    return (os.path.isabs(s) or s.startswith((".", "~")) or s.count(os.sep) > 1
+            or (os.altsep is not None and s.count(os.altsep) > 1) or os.path.exists(os.path.expanduser(s)))
+
+
+def _hub_error(path_or_id: str, what: str, e: BaseException) -> CheckpointError:
+    """The one-line error for a hub id that could not be fetched: no network, unknown id, bad id."""
+    from huggingface_hub import errors as hub_errors
+    if isinstance(e, hub_errors.HFValidationError):
+        why = "it is not a valid hub id (owner/name) either"
+    elif isinstance(e, (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError)):
+        why = "the hub has no such repository, or it is private/gated (log in with `hf auth login`)"
+    elif isinstance(e, hub_errors.RevisionNotFoundError):
+        why = "the hub repository has no such revision"
+    elif isinstance(e, hub_errors.HfHubHTTPError) and not isinstance(e, hub_errors.LocalEntryNotFoundError):
+        why = "the hub download failed"
+    elif isinstance(e, OSError):  # LocalEntryNotFoundError, connection errors
+        why = ("no network (or HF_HUB_OFFLINE=1) and it is not in the local hub cache; download it elsewhere "
+               "and pass the local directory")
+    else:
+        why = "the hub download failed"
+    return CheckpointError(f"{what} {path_or_id}: not a local directory and could not be fetched from the hub: "
+                           f"{why} ({_one_line(e)})")
+
+
+def _local_dir(path_or_id: str, what: str) -> Path | None:
+    """The local directory `path_or_id` (None if it is a hub id); a path that is missing or not a
+    directory is a CheckpointError."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise CheckpointError(f"{p}: no config.json in this directory")
         return p
-    if p.exists() or str(path_or_id).startswith((".", "/", "~")):
-        raise CheckpointError(f"{path_or_id}: not a model directory")
+    if p.exists():
+        raise CheckpointError(f"{what} {path_or_id}: is a file, not a directory")
+    if _looks_like_path(path_or_id):
+        note = " (not a model directory)" if what == "model path" else ""
+        raise CheckpointError(f"{what} {path_or_id}: no such directory{note}")
+    return None
+
+
+def _snapshot(path_or_id: str, what: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(path_or_id, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception as e:  # no network, unknown id, gated repo
-        raise CheckpointError(f"{path_or_id}: not a local directory and could not be fetched from the hub "
-                              f"({type(e).__name__}: {e})") from None
+        return Path(snapshot_download(path_or_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - no network, unknown id, gated repo, bad id: all one error
+        raise _hub_error(path_or_id, what, e) from None
+
+
+def resolve_model_dir(path_or_id: str, revision: str | None = None) -> str:
+    """A local model directory (it must exist and hold config.json), or a hub id downloaded (config,
+    tokenizer, safetensors) to the HF cache; the directory as a string.
+
+    A path that is missing, a file, or a directory without config.json, and a hub id that cannot
+    be fetched (no network, unknown id) raise a one-line CheckpointError.
+    """
+    d = _local_dir(path_or_id, "model path")
+    if d is None:
+        d = _snapshot(path_or_id, "model", revision, _HUB_PATTERNS)
+    if not (d / "config.json").is_file():
+        found = sorted(p.name for p in d.iterdir())
+        raise CheckpointError(f"model path {d}: no config.json in this directory (found: {found[:10]})")
+    return str(d)
+
+
+def load_tokenizer(path_or_id: str, revision: str | None = None, **kwargs):
+    """`transformers.AutoTokenizer.from_pretrained` with the errors of `resolve_model_dir`.
+
+    A local directory must hold tokenizer files (tokenizer.json, tokenizer.model, vocab.json +
+    merges.txt or vocab.txt; transformers would otherwise build an empty tokenizer); a hub id is
+    fetched like a model. Every failure is a one-line CheckpointError naming the directory.
+    """
+    d = _local_dir(path_or_id, "tokenizer path")
+    if d is None:
+        d = _snapshot(path_or_id, "tokenizer", revision,
+                      list(TOKENIZER_FILES) + ["config.json", "generation_config.json"])
+    if not any(all((d / n).is_file() for n in names) for names in _TOKENIZER_SETS):
+        looked = ", ".join(" + ".join(names) for names in _TOKENIZER_SETS)
+        found = sorted(p.name for p in d.iterdir())
+        raise CheckpointError(f"tokenizer path {d}: no tokenizer files (looked for {looked}; found: {found[:10]})")
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(d), **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise many types for bad files
+        raise CheckpointError(f"tokenizer path {d}: cannot load the tokenizer ({_one_line(e)})") from None
 
 
 def load_config(path_or_id: str) -> tuple[ModelConfig, dict]:
-    d = resolve_model_dir(path_or_id)
+    path = Path(resolve_model_dir(path_or_id)) / "config.json"
     try:
-        hf = json.loads((d / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / 'config.json'}: invalid JSON ({e})") from None
-    return config_from_hf(hf, str(d / "config.json")), hf
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({_one_line(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({_one_line(e)})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return config_from_hf(hf, str(path)), hf
 
 
 def load_params(path_or_id: str, mesh: Mesh | None = None, dtype=jnp.float32, rules: dict | None = None,
@@ -265,7 +419,7 @@ def load_params(path_or_id: str, mesh: Mesh | None = None, dtype=jnp.float32, ru
     mesh None = a single device (the default device). Missing, unexpected or wrongly shaped
     tensors raise a CheckpointError that lists them.
     """
-    d = resolve_model_dir(path_or_id)
+    d = Path(resolve_model_dir(path_or_id))
     cfg, hf = load_config(str(d))
     index = TensorIndex(d)
     nmap = name_map(cfg)
@@ -403,7 +557,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
     """Copy tokenizer and generation-config files next to a saved model."""
     import shutil
     src, dst = Path(src), Path(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                 "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json"):
+    for name in TOKENIZER_FILES + ("generation_config.json",):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jsdr.model.hf import SUPPORTED_ARCHITECTURES, CheckpointError, SafetensorsFile, _to_host, write_safetensors
+from jsdr.model.hf import (SUPPORTED_ARCHITECTURES, CheckpointError, SafetensorsFile, _one_line, _to_host,
+                           write_safetensors)
 from jsdr.model.transformer import ModelConfig, Params
 from jsdr.sharding import tree_shardings
 
@@ -326,6 +327,10 @@ def _resolve_targets(targets: Any, source: str, num_layers: int) -> tuple[str, .
     if targets == "all-linear" or targets == ["all-linear"]:
         return ALL_TARGETS
     if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"{source}: target_modules {targets!r} is not a valid regex ({e})") from None
         hit = {v for m, v in modules.items() if re.fullmatch(targets, m)}
         bad = [m for m in others if re.fullmatch(targets, m)]
         if bad:
@@ -334,7 +339,7 @@ def _resolve_targets(targets: Any, source: str, num_layers: int) -> tuple[str, .
         if not hit:
             raise AdapterError(f"{source}: target_modules regex {targets!r} matches none of {list(ALL_TARGETS)}")
     else:
-        if not isinstance(targets, (list, tuple, set)) or not targets:
+        if not isinstance(targets, (list, tuple, set)) or not targets or not all(isinstance(t, str) for t in targets):
             raise AdapterError(f"{source}: target_modules={targets!r} is not a list of module names")
         hit, unknown = set(), []
         for t in targets:
@@ -357,13 +362,20 @@ def _resolve_targets(targets: Any, source: str, num_layers: int) -> tuple[str, .
 def read_peft_config(adapter_dir: str | Path, model_cfg: ModelConfig,
                      base_model_name_or_path: str | None = None) -> LoraConfig:
     """LoraConfig from a PEFT adapter_config.json; unsupported PEFT features raise AdapterError."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
+    d = Path(adapter_dir).expanduser()
+    path = d / ADAPTER_CONFIG
+    if not path.is_file():
+        why = ("not a PEFT adapter directory" if d.is_dir() else "a file, not an adapter directory" if d.exists()
+               else "no such directory")
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG} ({why})")
     try:
-        c = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: invalid JSON ({e})") from None
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{path}: invalid JSON ({_one_line(e)})") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read ({_one_line(e)})") from None
+    if not isinstance(c, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(c).__name__}")
     if c.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type={c.get('peft_type')!r} is not supported (only LORA)")
     bad = [f"{k}={c[k]!r} ({what})" for k, ok, what in _UNSUPPORTED if k in c and not ok(c[k])]
@@ -372,8 +384,13 @@ def read_peft_config(adapter_dir: str | Path, model_cfg: ModelConfig,
     for k in ("r", "lora_alpha", "target_modules"):
         if k not in c:
             raise AdapterError(f"{path}: missing field {k!r}")
+    for k in ("lora_alpha", "lora_dropout"):
+        v = c.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise AdapterError(f"{path}: {k}={v!r} must be a number")
     want = SUPPORTED_ARCHITECTURES[model_cfg.model_type]
-    base_cls = (c.get("auto_mapping") or {}).get("base_model_class")
+    mapping = c.get("auto_mapping") or {}
+    base_cls = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     if base_cls and base_cls != want:
         raise AdapterError(f"{path}: adapter was made for a {base_cls}, the model is a {want}")
     if base_model_name_or_path and c.get("base_model_name_or_path"):
@@ -386,10 +403,10 @@ def read_peft_config(adapter_dir: str | Path, model_cfg: ModelConfig,
         return LoraConfig(rank=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout") or 0.0,
                           target_modules=_resolve_targets(c["target_modules"], str(path), model_cfg.num_layers),
                           use_rslora=bool(c.get("use_rslora", False)))
-    except ValueError as e:
-        if isinstance(e, AdapterError):
-            raise
-        raise AdapterError(f"{path}: {e}") from None
+    except AdapterError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig, dtype=jnp.float32, mesh: Mesh | None = None,
@@ -407,7 +424,10 @@ def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig, dtype=jnp.float32
         alt = " (found adapter_model.bin: re-save it with safe_serialization=True)" if (d / "adapter_model.bin").exists() \
             else ""
         raise AdapterError(f"{d}: no {ADAPTER_WEIGHTS}{alt}")
-    f = SafetensorsFile(wpath)
+    try:
+        f = SafetensorsFile(wpath)
+    except CheckpointError as e:  # truncated or corrupt: the same message, as an adapter error
+        raise AdapterError(str(e)) from None
     L, r, dims = model_cfg.num_layers, lora_cfg.rank, _dims(model_cfg)
     found: dict[tuple[str, str], dict[int, str]] = {}
     unknown = []
@@ -445,7 +465,10 @@ def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig, dtype=jnp.float32
                                    f"layers is not supported)")
             per = []
             for i in range(L):
-                t = f.get(slot[i])
+                try:
+                    t = f.get(slot[i])
+                except CheckpointError as e:
+                    raise AdapterError(str(e)) from None
                 if tuple(t.shape) != want:
                     what = "rank" if (ab == "A" and t.shape[1:] == want[1:]) or (ab == "B" and t.shape[:1] == want[:1]) \
                         else "shape"
