@@ -451,11 +451,17 @@ class LoopSection:
     keep_checkpoints: int = field(3, "checkpoints kept on disk")
     output_dir: str = field("runs/{method}", "run directory ({method} is replaced)")
     resume: bool = field(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = field(False, "replace what an earlier run left in output_dir (metrics, checkpoints, "
+                                   "adapter); without it a non-empty run directory is refused")
+    resume_override: bool = field(False, "resume even though settings that change the run (lr, schedule, "
+                                         "steps, clip, method options, data) differ from the saved ones")
+    max_nonfinite_steps: int = field(5, "stop after this many consecutive steps whose loss or gradient is "
+                                        "not finite (each such step is skipped: weights unchanged)")
     seq_bucket: int = field(64, "sequence lengths are padded to a multiple of this (one compile per bucket)")
 
     def __post_init__(self):
         for k in ("steps", "per_device_batch", "grad_accum", "log_every", "save_every", "keep_checkpoints",
-                  "seq_bucket"):
+                  "seq_bucket", "max_nonfinite_steps"):
             check(getattr(self, k) > 0, f"train.{k}", "must be > 0")
         check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
 

@@ -35,6 +35,7 @@ from jsdr import config as C
 from jsdr import sharding as S
 from jsdr.checkpoint import Checkpointer
 from jsdr.config import ConfigError, TrainConfig
+from jsdr.errors import JsdrError, RunError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -96,9 +97,11 @@ def make_optimizer(o: C.OptimSection, steps: int) -> tuple[optax.GradientTransfo
         after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
     sched = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup]) \
         if warmup else after
-    parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
-    parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return optax.chain(*parts), sched
+    # the chain has the same structure with or without clipping (both states are empty), so a checkpoint
+    # does not depend on optim.max_grad_norm
+    clip = optax.clip_by_global_norm(o.max_grad_norm) if o.max_grad_norm > 0 else optax.identity()
+    adamw = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.chain(clip, adamw), sched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +110,12 @@ def make_optimizer(o: C.OptimSection, steps: int) -> tuple[optax.GradientTransfo
 
 def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
     """(state, params, batch, rng) -> (state, metrics). `batch` leaves are [grad_accum, micro, ...];
-    gradients are averaged over the micro-batches with a scan (one micro-batch alive at a time)."""
+    gradients are averaged over the micro-batches with a scan (one micro-batch alive at a time).
+
+    A step whose loss, gradient or updated weights are not finite is skipped: the LoRA tree, the
+    optimizer state and the EMA teacher stay as they were (only the step counter advances) and
+    `metrics["skipped"]` is 1.
+    """
 
     def step(state, params, batch, rng):
         accum = jax.tree.leaves(batch)[0].shape[0]
@@ -133,11 +141,18 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
         metrics = jax.tree.map(lambda m: m / accum, m_sum)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
         lora = optax.apply_updates(state["lora"], updates)
-        new = dict(state, lora=lora, opt_state=opt_state, step=state["step"] + 1)
+        new = dict(state, lora=lora, opt_state=opt_state)
         if "ema" in state:
             from jsdr.losses.opsd import ema_update
             new["ema"] = ema_update(state["ema"], lora, ema_decay)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(lora):
+            finite &= jnp.all(jnp.isfinite(leaf))
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, dict(state))
+        new["step"] = state["step"] + 1
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         return new, metrics
 
     return step
@@ -169,21 +184,51 @@ def stack_micro(rows: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray
     return {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in rows.items()}
 
 
-class Logger:
-    """Metrics to JSONL and TensorBoard event files (tensorboardX when installed)."""
+def read_metrics(path: Path, log=print) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a kill in the middle of a write) is dropped
+    from the file, and said so; a bad line anywhere else is an error naming the line."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    out = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines):
+                log(f"{path}: dropped a torn last line (line {i}, {len(ln)} characters), left by a stop in the "
+                    f"middle of a write")
+                path.write_text("".join(json.dumps(r) + "\n" for r in out))
+                break
+            raise RunError(f"{path} line {i}: not a JSON metrics record; the file is corrupt (move it away "
+                           f"to resume without the earlier metrics)") from None
+        out.append(rec)
+    return out
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+
+class Logger:
+    """Metrics to JSONL and TensorBoard event files (tensorboardX when installed).
+
+    On resume from step s, the JSONL keeps the records up to s and TensorBoard is told to purge the
+    events past s of the interrupted run (`purge_step`), so every step appears exactly once. Both are
+    flushed at every record: a kill loses at most the step in progress, which resume recomputes.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int = 0, log=print):
         self.path = run_dir / "metrics.jsonl"
-        if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if resume_step:  # drop lines past the checkpoint we resume from
+            keep = [r for r in read_metrics(self.path, log) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif self.path.exists():
             self.path.unlink()
         self.file = self.path.open("a")
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
 
@@ -196,11 +241,41 @@ class Logger:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, float):
                     self.tb.add_scalar(k, v, step)
+            self.tb.flush()
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory
+
+# what a run writes into its directory (train.overwrite removes exactly these)
+RUN_FILES = ("metrics.jsonl", "tb", "checkpoints", "adapter", "config.json", "config_history.jsonl", "summary.json")
+# settings a resume may change freely: they change what is logged, kept or scored, never the trained weights
+RESUME_FREE = frozenset({"train.resume", "train.overwrite", "train.resume_override", "train.log_every",
+                         "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.output_dir",
+                         "train.max_nonfinite_steps", "data.eval", "data.eval_split", "data.eval_limit",
+                         "data.eval_max_new_tokens", "data.eval_temperature"})
+# settings that can never change within a run: the checkpoint's tree or meaning depends on them
+RESUME_FIXED = frozenset({"method", "model", "lora", "opsd.teacher"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +347,11 @@ class Trainer:
         self._sampler = None
         self.rollout_tokens = 0
         self.stop_requested = False
+        self.stop_signal: int | None = None
+        if cfg.optim.learning_rate >= 0.1:
+            log(f"warning: optim.learning_rate={cfg.optim.learning_rate:g} is unusually large for AdamW (LoRA runs "
+                f"use about 1e-6 to 1e-2); steps with non-finite values are skipped and "
+                f"{cfg.train.max_nonfinite_steps} in a row stop the run")
 
     # -- setup helpers ---------------------------------------------------------------------------
 
@@ -496,7 +576,7 @@ class Trainer:
                        remat=self.cfg.model.remat, attn_impl=self.cfg.model.attn_impl, dtype=self.dtype,
                        lora_dropout=self.cfg.lora.dropout)
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the jitted step -----------------------------------------------------------------------
 
     def step_fn(self):
         if self._step_fn is None:
@@ -514,31 +594,115 @@ class Trainer:
         sh = NamedSharding(self.mesh, P(None, *spec))
         return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
 
-    def _check_resume(self, ckpt: Checkpointer) -> int:
-        cfg = self.cfg
+    # -- the run directory ---------------------------------------------------------------------
+
+    def _clear_for_overwrite(self) -> None:
+        """train.overwrite: remove what an earlier run wrote here (RUN_FILES only, nothing else)."""
+        t = self.cfg.train
+        if t.resume and t.overwrite:
+            raise ConfigError("train.resume and train.overwrite exclude each other: continue the run in "
+                              f"{self.run_dir}, or start it again from step 0")
+        ours = [p for p in RUN_FILES if (self.run_dir / p).exists()]
+        if t.overwrite and ours:
+            self._remove(ours)
+            self.log(f"--train.overwrite: removed {', '.join(ours)} of the earlier run in {self.run_dir}")
+
+    def _remove(self, names) -> None:
+        import shutil
+        for name in names:
+            p = self.run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _prepare_run_dir(self, ckpt: Checkpointer) -> int:
+        """The step to start from. Refuses to touch an earlier run's files unless asked to (resume
+        or overwrite), and a resume whose settings change the run unless train.resume_override."""
+        t = self.cfg.train
+        ours = [p for p in RUN_FILES if (self.run_dir / p).exists() and p != "checkpoints"]
         latest = ckpt.latest_step()
         if latest is None:
-            if cfg.train.resume:
+            # a run that stopped before its first checkpoint, with the same settings, starts again from 0;
+            # anything else (another run's files, or a finished run's adapter) is never replaced silently
+            same = ours and not {"adapter", "summary.json"} & set(ours) and self._same_config_on_disk()
+            if ours and not same:
+                raise RunError(f"{self.run_dir} already holds {', '.join(ours)} of another run (no checkpoint); "
+                               f"pass --train.overwrite=true to replace it or choose another --train.output_dir")
+            if ours:
+                self._remove(ours)
+                self.log(f"{self.run_dir}: the earlier run with these settings stopped before its first "
+                         f"checkpoint; starting again from step 0")
+            elif t.resume:
                 self.log(f"--train.resume: no checkpoint in {ckpt.directory}; starting from step 0")
             return 0
-        if not cfg.train.resume:
-            raise ConfigError(f"{self.run_dir} already holds checkpoints (latest step {latest}); pass "
-                              f"--train.resume=true to continue that run or choose another --train.output_dir")
-        saved = json.loads((self.run_dir / "config.json").read_text())
-        for key in ("method", "seed", "model", "lora", "data", "prompts"):
-            if saved.get(key) != C.to_dict(cfg).get(key):
-                raise ConfigError(f"--train.resume: the setting {key!r} differs from the run in {self.run_dir}; "
-                                  f"resume needs the same {key} (saved: {saved.get(key)})")
-        self.state, meta = ckpt.restore(latest, like=self.state)
+        if not t.resume:
+            raise RunError(f"{self.run_dir} already holds checkpoints (latest step {latest}); pass "
+                           f"--train.resume=true to continue that run, --train.overwrite=true to start it again, "
+                           f"or choose another --train.output_dir")
+        self._check_resume_config()
+        try:
+            self.state, meta = ckpt.restore(latest, like=self.state)
+        except Exception as e:  # noqa: BLE001 - orbax raises several types for a tree that does not match
+            raise RunError(f"{ckpt.directory} step {latest}: the checkpoint does not match this run's train state "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
         self.rollout_tokens = int(meta.get("rollout_tokens", 0))
+        self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
         self.log(f"resumed {self.run_dir} at step {latest}")
         return int(meta["step"])
+
+    def _same_config_on_disk(self) -> bool:
+        try:
+            saved = _flat(self._saved_config())
+        except RunError:
+            return False
+        now = _flat(C.to_dict(self.cfg))
+        return all(saved.get(k) == now.get(k) for k in set(saved) | set(now) if k not in RESUME_FREE)
+
+    def _saved_config(self) -> dict:
+        hist = self.run_dir / "config_history.jsonl"
+        if hist.exists():
+            lines = [ln for ln in hist.read_text().splitlines() if ln.strip()]
+            for ln in reversed(lines):
+                try:
+                    return json.loads(ln)["config"]
+                except (ValueError, KeyError):
+                    continue  # a torn line: the one before holds the config in effect
+        path = self.run_dir / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path}: cannot read the saved configuration of the run to resume ({e})") from None
+
+    def _check_resume_config(self) -> None:
+        """Refuse a resume whose configuration changes the run (any setting outside RESUME_FREE)."""
+        saved, now = _flat(self._saved_config()), _flat(C.to_dict(self.cfg))
+        changed = {k: (saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
+                   if saved.get(k, "<absent>") != now.get(k, "<absent>") and k not in RESUME_FREE}
+        self.resume_changes = changed
+        if not changed:
+            return
+        desc = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        fixed = [k for k in changed if k.split(".")[0] in RESUME_FIXED or k in RESUME_FIXED]
+        if fixed:
+            raise RunError(f"--train.resume: {', '.join(fixed)} cannot change within a run ({desc}); start a new "
+                           f"run in another --train.output_dir")
+        if not self.cfg.train.resume_override:
+            raise RunError(f"--train.resume: settings differ from the run in {self.run_dir} ({desc}); pass the "
+                           f"same settings, or --train.resume_override=true to continue with the new ones")
+        self.log(f"--train.resume_override: continuing with changed settings: {desc}")
+
+    def _write_config(self, start: int) -> None:
+        d = C.to_dict(self.cfg)
+        if not (self.run_dir / "config.json").exists():  # the original stays; every start is appended below
+            (self.run_dir / "config.json").write_text(json.dumps(d, indent=2))
+        rec = {"start_step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": d,
+               "changes": {k: list(v) for k, v in getattr(self, "resume_changes", {}).items()}}
+        with (self.run_dir / "config_history.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
             if self.stop_requested:  # a second signal: stop now
                 raise KeyboardInterrupt
-            self.stop_requested = True
+            self.stop_requested, self.stop_signal = True, signum
             self.log(f"\nreceived signal {signum}: finishing this step, writing a checkpoint, then stopping "
                      f"(send it again to stop at once)")
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -546,19 +710,70 @@ class Trainer:
             signal.signal(s, handler)
         return old
 
+    def _save(self, ckpt: Checkpointer, step: int) -> None:
+        try:
+            ckpt.save(step, self.state, {"step": step, "rollout_tokens": self.rollout_tokens, "seed": self.cfg.seed,
+                                         "method": self.cfg.method, "nonfinite_steps": self.nonfinite_total})
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, orbax errors: all end the run here
+            raise RunError(f"checkpoint of step {step} could not be written to {ckpt.directory} "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+
+    def _wait(self, ckpt: Checkpointer) -> None:
+        try:
+            ckpt.wait()
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"a checkpoint could not be written to {ckpt.directory} "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+
+    def _check_finite(self, step: int, metrics: dict, ckpt: Checkpointer) -> None:
+        """Count skipped (non-finite) steps; stop after train.max_nonfinite_steps in a row. Warn when the
+        gradient vanishes for several steps in a row (a collapsed model, e.g. far too large a lr)."""
+        if metrics.get("skipped", 0.0) > 0:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            k = self.cfg.train.max_nonfinite_steps
+            self.log(f"step {step}: non-finite loss or gradient (loss={metrics.get('loss')}, grad_norm="
+                     f"{metrics.get('grad_norm')}): step skipped, weights unchanged ({self.nonfinite_run} in a row, "
+                     f"stop at {k})")
+            if self.nonfinite_run >= k:
+                last = ckpt.latest_step()
+                where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
+                    else "no checkpoint was written"
+                raise RunError(f"{k} consecutive steps with a non-finite loss or gradient (last at step {step}); "
+                               f"stopped without saving; {where}. Lower optim.learning_rate or check the data")
+            return
+        self.nonfinite_run = 0
+        if metrics.get("grad_norm", 1.0) == 0.0 and metrics.get("loss", 0.0) != 0.0:
+            self.zero_grad_run += 1
+            if self.zero_grad_run == 3:
+                self.log(f"warning: the gradient norm has been 0 for 3 steps in a row (step {step}) with a non-zero "
+                         f"loss: the model has probably collapsed (optim.learning_rate="
+                         f"{self.cfg.optim.learning_rate:g} too large?)")
+        else:
+            self.zero_grad_run = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
     def run(self, stop_after: int | None = None) -> dict:
         """Train; returns the last logged metrics (with held-out accuracy before/after when configured).
-        `stop_after`: behave as if a stop signal arrived after that many steps of this call."""
+        `stop_after`: behave as if a stop signal arrived after that many steps of this call.
+
+        Order at the end: held-out score, PEFT adapter, final checkpoint, summary.json. The adapter is
+        written before and independently of the final checkpoint, so a failed checkpoint (disk full)
+        does not lose the run's result. `summary["stopped"]` is set when a signal stopped the run."""
         from tqdm import tqdm
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_for_overwrite()
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        start = self._check_resume(ckpt)
-        (self.run_dir / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
-        logger = Logger(self.run_dir, start)
+        self.nonfinite_total = self.nonfinite_run = self.zero_grad_run = 0
+        logger = bar = None
         old_handlers = self._install_signal_handlers() if _main_thread() else {}
         summary: dict = {}
         try:
+            start = self._prepare_run_dir(ckpt)
+            self._write_config(start)
+            logger = Logger(self.run_dir, start, log=self.log)
             if start == 0 and self.eval_records:
                 summary["eval/accuracy_before"] = self.evaluate(self.state["lora"]).get("eval/accuracy")
                 self.log(f"held-out accuracy before training: {summary['eval/accuracy_before']:.3f} "
@@ -568,7 +783,8 @@ class Trainer:
                        disable=not self.progress, dynamic_ncols=True)
             base_key = jax.random.PRNGKey(cfg.seed)
             step = start
-            t_start, tokens_seen = time.time(), 0
+            saved_at = ckpt.latest_step()
+            t_start = time.time()
             while step < cfg.train.steps and not self.stop_requested:
                 t0 = time.time()
                 rng_data, rng_step = jax.random.split(jax.random.fold_in(base_key, step))
@@ -578,12 +794,13 @@ class Trainer:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
                 n_tok = int(info.pop("tokens"))
-                tokens_seen += n_tok
                 metrics.update(info)
                 metrics["lr"] = float(self.schedule(step - 1))
                 metrics["rollout_tokens"] = self.rollout_tokens
+                metrics["nonfinite_steps"] = self.nonfinite_total + int(metrics["skipped"] > 0)
                 metrics["tokens_per_s"] = n_tok / max(time.time() - t0, 1e-9)
                 metrics["time"] = time.time() - t_start
+                self._check_finite(step, metrics, ckpt)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.eval_records:
                     metrics.update(self.evaluate(self.state["lora"]))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -593,27 +810,56 @@ class Trainer:
                 summary.update(metrics)
                 if stop_after is not None and step - start >= stop_after:
                     self.stop_requested = True
-                if step % cfg.train.save_every == 0 or step == cfg.train.steps or self.stop_requested:
-                    ckpt.save(step, self.state, {"step": step, "rollout_tokens": self.rollout_tokens,
-                                                 "seed": cfg.seed, "method": cfg.method})
+                if step < cfg.train.steps and (step % cfg.train.save_every == 0 or self.stop_requested):
+                    self._save(ckpt, step)
+                    saved_at = step
             bar.close()
-            ckpt.wait()
-            if self.stop_requested:
-                self.log(f"stopped at step {step}; checkpoint written to {ckpt.directory}; "
-                         f"continue with --train.resume=true")
+            self._wait(ckpt)
+            if self.stop_requested and step < cfg.train.steps:
+                summary["stopped"] = getattr(self, "stop_signal", None) or "stop_after"
+                summary["step"] = step
+                if saved_at is None:
+                    self.log("stopped before the first checkpoint: no checkpoint yet; the same command starts "
+                             "again from step 0")
+                else:
+                    self.log(f"stopped at step {step}; checkpoint of step {saved_at} written to {ckpt.directory}; "
+                             f"continue with --train.resume=true")
                 return summary
             if self.eval_records:
                 after = self.evaluate(self.state["lora"])
                 summary["eval/accuracy_after"] = after.get("eval/accuracy")
                 logger.log(step, after)
                 self.log(f"held-out accuracy after training: {summary['eval/accuracy_after']:.3f}")
-            self.export()
             summary["step"] = step
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            failures = []
+            try:
+                self.export()
+            except (OSError, JsdrError) as e:
+                failures.append(f"the adapter could not be written to {self.run_dir / 'adapter'} "
+                                f"({type(e).__name__}: {_first_line(e)})")
+            try:
+                if ckpt.latest_step() != step:
+                    self._save(ckpt, step)
+                self._wait(ckpt)
+            except RunError as e:
+                failures.append(str(e) + ("" if failures else f"; the adapter in {self.run_dir / 'adapter'} "
+                                                               f"holds the trained weights"))
+            try:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            except OSError as e:
+                failures.append(f"{self.run_dir / 'summary.json'}: {e}")
+            if failures:
+                raise RunError("; ".join(failures))
             return summary
         finally:
-            logger.close()
-            ckpt.close()
+            if bar is not None:
+                bar.close()
+            if logger is not None:
+                logger.close()
+            try:
+                ckpt.close()
+            except Exception:  # noqa: BLE001 - already reported by _save/_wait
+                pass
             for s, h in old_handlers.items():
                 signal.signal(s, h)
 
@@ -640,26 +886,72 @@ def _postfix(m: dict) -> dict:
     return {short: f"{m[k]:.3g}" for k, short in _SHOW.items() if k in m}
 
 
+def help_defaults(argv: Sequence[str]) -> tuple[TrainConfig, str]:
+    """The configuration that `argv` (without --help) would run, and a line saying where its defaults
+    come from: the method's defaults, the toy YAML when it is the one that runs, --config, overrides."""
+    try:
+        cfg, note = build_config(argv)
+    except JsdrError as e:
+        return C.from_dict(TrainConfig, C.METHOD_DEFAULTS["opsd"]), f"defaults of --method=opsd ({e} in the rest)"
+    src = note or (f"--config {_config_arg(argv)}" if _config_arg(argv) else "the paper's method defaults")
+    return cfg, f"--method={cfg.method}, {src}" + (", and the options given" if argv else "")
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def error_line(prog: str, e: BaseException) -> tuple[str, int]:
+    """(one line for stderr, exit code) of an expected failure."""
+    import errno
+    msg = " | ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip()) or type(e).__name__
+    if isinstance(e, ConfigError):
+        return f"{prog}: configuration error: {msg}", 2
+    if isinstance(e, OSError):
+        kind = "disk full" if e.errno == errno.ENOSPC else "I/O error"
+        return f"{prog}: {kind}: {msg}", 1
+    return f"{prog}: error: {msg}", 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 an expected error (data, model, adapter, I/O, diverged run), 2 a configuration
+    error, 128 + signal number (130 for SIGINT, 143 for SIGTERM) when a signal stopped the run after
+    writing its checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
+        rest = [a for a in argv if a not in ("-h", "--help")]
+        cfg, where = help_defaults(rest)
         print(__doc__.split("\n\n")[0])
-        print("\nOptions (method defaults of the paper; `--config FILE.yaml` and --key=value override them):")
-        print(C.help_text(TrainConfig))
+        print(f"\nOptions, with the defaults that apply here ({where}); `--config FILE.yaml` and --key=value "
+              f"override them:")
+        print(C.help_text(TrainConfig, defaults=cfg))
         return 0
+    trainer = None
     try:
         cfg, note = build_config(argv)
         if note:
             print(f"jsdr: no --config given: using the {note}")
         trainer = Trainer(cfg)
         summary = trainer.run()
-    except ConfigError as e:
-        print(f"jsdr.train: configuration error: {e}", file=sys.stderr)
-        return 2
+    except (JsdrError, OSError) as e:
+        line, code = error_line("jsdr.train", e)
+        print(line, file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # a second signal while stopping
+        print("jsdr.train: interrupted; the last checkpoint written (if any) is intact", file=sys.stderr)
+        return 130
     keys = [k for k in ("eval/accuracy_before", "eval/accuracy_after") if summary.get(k) is not None]
     if keys:
         print("  ".join(f"{k.split('/')[-1]}={summary[k]:.3f}" for k in keys))
     print(f"run directory: {trainer.run_dir}")
+    stopped = summary.get("stopped")
+    if stopped is not None:
+        return 128 + int(stopped) if isinstance(stopped, int) else 130
     return 0
 
 

@@ -12,6 +12,7 @@ from jsdr import config as C
 from jsdr import train as TR
 from jsdr.config import ConfigError, TrainConfig
 from jsdr.data import toy
+from jsdr.errors import RunError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +82,7 @@ def test_opsd_runs_on_8_devices_and_resumes_exactly(assets, tmp_path):
     part = tmp_path / "part"
     first = TR.Trainer(_cfg(assets, "opsd", part, **over), progress=False, log=lambda *a: None)
     first.run(stop_after=2)
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(RunError, match="already holds checkpoints"):
         TR.Trainer(_cfg(assets, "opsd", part, **over), progress=False, log=lambda *a: None).run()
     resumed = TR.Trainer(_cfg(assets, "opsd", part, **C.merge_dicts(over, {"train": {"resume": True}})),
                          progress=False, log=lambda *a: None)
