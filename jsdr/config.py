@@ -122,7 +122,7 @@ def convert(value: Any, tp, key: str) -> Any:
             return value
     except ConfigError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(tp, "__name__", str(tp))
         raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
     raise ConfigError(f"{key}: unsupported field type {tp!r}")

@@ -286,8 +286,6 @@ class Trainer:
     """Sets up model, LoRA, optimizer, data and sampler from a TrainConfig, then `run()`s the loop."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True, log=print):
-        from transformers import AutoTokenizer
-
         from jsdr.model import hf
         from jsdr.model.lora import init_lora
 
@@ -325,8 +323,10 @@ class Trainer:
         if model_dir == "toy":
             from jsdr.data.toy import ensure_toy_assets
             model_dir = str(ensure_toy_assets(progress=progress))
+        else:
+            model_dir = hf.resolve_model_dir(model_dir)
         self.model_dir = model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
+        self.tokenizer = hf.load_tokenizer(cfg.model.tokenizer or model_dir)
         self.dtype = jnp.dtype(cfg.model.dtype)
         with S.use_mesh(self.mesh):
             self.params, self.mcfg, self.hf_config = hf.load_params(model_dir, mesh=self.mesh, dtype=self.dtype,

@@ -11,7 +11,6 @@ Each property runs ~60 examples; the file takes a few seconds.
 
 import dataclasses
 import json
-import math
 import re
 import tempfile
 import typing
@@ -33,20 +32,12 @@ SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
 # (a) config overrides
 
 
-def _overflows(s: str) -> bool:
-    """A number like 1e999: finite-looking text whose float is infinite (see the xfail below)."""
-    try:
-        return "e" in s.lower() and math.isinf(float(s)) and "inf" not in s.lower()
-    except ValueError:
-        return False
-
-
 _special = st.sampled_from(["inf", "-inf", "nan", "NaN", "Infinity", "1e-400", "-0", "0", "1", "-1", "2.5",
                             "1e3", "true", "false", "yes", "None", "null", "", " ", "1,2", "a,b", "q_proj,v_proj",
                             "all-linear", "{}", "[1]", "--", "=", "toy", "sft", "grpo", "opsd", "float32"])
 _numbers = st.one_of(st.integers(-10 ** 30, 10 ** 30), st.floats(allow_nan=True, allow_infinity=True))
 _values = st.one_of(_special, _numbers.map(str), st.booleans().map(str),
-                    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)).filter(lambda s: not _overflows(s))
+                    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20))
 _keys = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS).map(lambda k: k.rsplit(".", 1)[-1]),
                   st.sampled_from(SECTIONS), st.text("abcdefghijklmnopqrstuvwxyz._-", min_size=1, max_size=12))
 _args = st.lists(st.tuples(_keys, _values).map(lambda kv: f"--{kv[0]}={kv[1]}"), max_size=6)
@@ -71,8 +62,6 @@ def test_overrides_load_or_raise_config_error(args, method):
     _round_trips(cfg)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="jsdr/config.py convert(): int(float('1e999')) raises OverflowError, not ConfigError")
 def test_overflowing_integer_override_is_a_config_error():
     with pytest.raises(C.ConfigError):
         C.load(C.TrainConfig, None, ["--seed=1e999"])
