@@ -3,38 +3,56 @@
 Sampled evaluation with the paper's table 5 settings as defaults (38,912 new tokens, thinking on,
 temperature 1.0, top-p 0.95, top-k off, min-p 0, presence penalty 0, 16 samples per prompt).
 
+Results are keyed by everything that produced them (model, adapter and a hash of its files,
+tokenizer, benchmarks and their contents, the rendered prompts, every sampling setting, grader,
+dtype, seed, batch size): the key is written to `<output_dir>/eval_key.json`, and the default
+output directory `eval/<model>[+<adapter>]-<8 hex digits of the key>` differs whenever the key does.
+An output directory that holds samples of another key is refused, never mixed or cleared, unless
+`--overwrite=true` says so.
+
 Every sample is appended to `<output_dir>/samples.jsonl` as soon as its batch finishes (prompt,
 response, extracted answer, correctness, grader error, length, finish reason), so a stopped run
-resumes where it stopped: problems that already have all their samples are skipped. The scores
-(Avg@n, unbiased pass@k, maj@n, mean response length, per benchmark and the unweighted average over
-benchmarks) are computed from that file, printed as a table and written to `results.json`.
+resumes where it stopped: problems that already have all their samples are skipped, and the batches
+are fixed slices of the problem list, so a resumed run draws the same samples as an unbroken one.
+The scores (Avg@n, unbiased pass@k, maj@n, mean response length, per benchmark and the unweighted
+average over benchmarks) are computed from that file, printed as a table and written to `results.json`.
 
 A benchmark is a registered name (aime24, aime25, hmmt25, amo, math500; loaded from the hub),
 `toy` (the embedded toy task's held-out split), `NAME:PATH` (a registered benchmark from a local copy,
 or any local .jsonl/.json/.parquet file with the fields given by --problem_field/--answer_field).
+
+Exit codes: 0 done, 2 configuration error, 1 any other expected error (data, model, adapter, output
+directory, I/O: one line on stderr), 130 interrupted (the samples so far are kept; rerun to resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import os
 import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jsdr import config as C
 from jsdr import sharding as S
 from jsdr.config import ConfigError, MeshSection, field
+from jsdr.errors import JsdrError, RunError
 from jsdr.sampling import SamplingConfig
 
 TABLE5 = SamplingConfig(temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, n=16,
                         max_new_tokens=38912)
+
+KEY_FILE, SAMPLES_FILE, RESULTS_FILE = "eval_key.json", "samples.jsonl", "results.json"
+KEY_FORMAT = 1  # bump when the meaning of a key field changes
+OUTPUT_PLACEHOLDERS = ("model", "adapter", "name", "key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +70,13 @@ class EvalConfig:
     batch_prompts: int = field(8, "prompts per sampler call (each with sampling.n samples)")
     dtype: Literal["bfloat16", "float32"] = field("bfloat16", "weights and KV-cache dtype")
     grader: Literal["math_verify", "string"] = field("math_verify", "how \\boxed{} answers are graded")
-    output_dir: str = field("eval/{model}", "where samples.jsonl and results.json go ({model}: its last path part)")
-    resume: bool = field(True, "skip problems that already have all their samples in samples.jsonl")
+    output_dir: str = field("eval/{name}-{key}",
+                            "where eval_key.json, samples.jsonl and results.json go; {model}: the model's last "
+                            "path part, {adapter}: the adapter's name ('' without one), {name}: {model} or "
+                            "{model}+{adapter}, {key}: 8 hex digits of the hash of eval_key.json")
+    resume: bool = field(True, "keep the samples already in output_dir (same key) and sample only what is missing")
+    overwrite: bool = field(False, "remove samples in output_dir that would otherwise be refused (another key, "
+                                   "unknown key, or --resume=false)")
     seed: int = field(0, "sampling seed (each batch folds in its position)")
     mesh: MeshSection = field(MeshSection(), "")
 
@@ -61,6 +84,19 @@ class EvalConfig:
         C.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
         C.check(self.batch_prompts > 0, "batch_prompts", "must be > 0")
         C.check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
+        try:
+            self.output_dir.format(**{k: "x" for k in OUTPUT_PLACEHOLDERS})
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"output_dir: {self.output_dir!r} is not a valid pattern ({type(e).__name__}: {e}); "
+                              f"its placeholders are {', '.join('{' + k + '}' for k in OUTPUT_PLACEHOLDERS)}") from None
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C while sampling; carries where the samples written so far are."""
+
+    def __init__(self, samples_path: Path, n_written: int, resume_hint: str):
+        super().__init__(str(samples_path))
+        self.samples_path, self.n_written, self.resume_hint = samples_path, n_written, resume_hint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,42 +119,253 @@ def load_benchmark(entry: str, cfg: EvalConfig) -> tuple[str, list[dict]]:
     return name, load_records(path, split="test", fields=fields, limit=cfg.limit)
 
 
-# ---------------------------------------------------------------------------------------------
-# the run
-
-
-def _done_problems(path: Path, n: int) -> dict[tuple[str, int], int]:
-    """{(benchmark, problem index): samples on file} of an earlier run's samples.jsonl."""
-    counts: dict[tuple[str, int], int] = {}
-    if not path.exists():
-        return counts
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+def _load_benchmarks(cfg: EvalConfig) -> list[tuple[str, list[dict]]]:
+    from jsdr.data.datasets import DataError
+    out = []
+    for entry in cfg.benchmarks:
         try:
-            r = json.loads(line)
-            key = (r["benchmark"], int(r["problem_index"]))
-        except (json.JSONDecodeError, KeyError, ValueError):
-            raise ConfigError(f"{path} line {i}: not a jsdr sample record; remove the file or pass "
-                              f"--resume=false") from None
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+            out.append(load_benchmark(entry, cfg))
+        except JsdrError:
+            raise
+        except ValueError as e:  # a loader's own check of the rows
+            raise DataError(f"benchmark {entry!r}: {e}") from e
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    C.check(not dup, "benchmarks", f"{', '.join(dup)} given twice (samples are keyed by benchmark name)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the key: everything that produced the samples
+
+
+def _sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode()).hexdigest()
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """sha256 over the adapter's adapter_config.json and adapter weights (names and contents)."""
+    from jsdr.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterError(f"{d}: no such adapter directory")
+    h = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        f = d / name
+        if not f.is_file():
+            alt = " (found adapter_model.bin: re-save it with safe_serialization=True)" \
+                if name == ADAPTER_WEIGHTS and (d / "adapter_model.bin").exists() else ""
+            raise AdapterError(f"{d}: no {name} (not a PEFT adapter directory){alt}")
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _adapter_name(adapter: str | None) -> str:
+    """The adapter's directory name; a directory called `adapter` (jsdr.train's runs/<run>/adapter)
+    is named after its run directory."""
+    if not adapter:
+        return ""
+    p = Path(adapter.rstrip("/")).expanduser().resolve()
+    return p.parent.name if p.name == "adapter" and p.parent.name else p.name
+
+
+def _local_or_given(path_or_id: str) -> str:
+    p = Path(path_or_id).expanduser()
+    return str(p.resolve()) if p.exists() else path_or_id
+
+
+def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_dir: str | Path, tokenizer,
+             prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], adapter_hash: str | None) -> dict:
+    """The settings that produced the samples, as plain JSON data (compared field by field on resume)."""
+    from jsdr.data.prompts import PromptTemplates
+    templates = PromptTemplates()
+    chat_template = getattr(tokenizer, "chat_template", None)
+    key = {
+        "format": KEY_FORMAT,
+        "model": {"given": cfg.model, "dir": str(Path(model_dir).resolve())},
+        "adapter": None if not cfg.adapter else {"given": cfg.adapter, "dir": str(Path(cfg.adapter).resolve()),
+                                                 "sha256": adapter_hash},
+        "tokenizer": {"given": cfg.tokenizer, "dir": _local_or_given(cfg.tokenizer or str(model_dir))},
+        "benchmarks": [{"entry": entry, "name": name, "limit": cfg.limit, "problems": len(recs),
+                        "sha256": _sha256_json([[str(r["problem"]), str(r["answer"])] for r in recs])}
+                       for entry, (name, recs) in zip(cfg.benchmarks, benches)],
+        "prompt": {"template": templates.student, "system": templates.system, "thinking": cfg.thinking,
+                   "chat_template_sha256": _sha256_json(chat_template),
+                   "rendered_sha256": _sha256_json([list(map(int, x)) for x in prompts])},
+        "sampling": C.to_dict(cfg.sampling),
+        "stop_token_ids": [int(i) for i in stop_ids],
+        "grader": cfg.grader,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "batch_prompts": cfg.batch_prompts,
+    }
+    return json.loads(json.dumps(key))  # plain JSON types, as read back from eval_key.json
+
+
+def key_hash(key: dict) -> str:
+    """8 hex digits of the key's sha256 (the {key} of output_dir)."""
+    return _sha256_json(key)[:8]
+
+
+def output_dir_of(cfg: EvalConfig, key: dict) -> Path:
+    model = Path(cfg.model.rstrip("/")).name
+    adapter = _adapter_name(cfg.adapter)
+    name = f"{model}+{adapter}" if adapter else model
+    return Path(cfg.output_dir.format(model=model, adapter=adapter, name=name, key=key_hash(key)))
+
+
+_ABSENT = object()
+
+
+def _short(v: Any) -> str:
+    if v is _ABSENT:
+        return "(absent)"
+    if v is None:
+        return "none"
+    if isinstance(v, dict) and "given" in v:
+        v = v["given"]
+    s = v if isinstance(v, str) else json.dumps(v)
+    if len(s) == 64 and all(c in "0123456789abcdef" for c in s):
+        s = s[:12]  # a sha256
+    return s if len(s) <= 48 else s[:45] + "..."
+
+
+def key_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """['sampling.n: 16 -> 4', ...]: the fields in which two keys differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(new) + [k for k in old if k not in new]:
+            out += key_diff(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else k)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
+            any(isinstance(x, dict) for x in old + new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in key_diff(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path or 'key'}: {_short(old)} -> {_short(new)}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the output directory
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_output_dir(out_dir: Path, key: dict, cfg: EvalConfig, log=print) -> None:
+    """Make out_dir hold `key`: resume its samples when their key is the same (and --resume),
+    refuse when it holds samples of another key, of no key, or --resume=false, unless --overwrite;
+    then remove them and say so. Writes eval_key.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, key_path = out_dir / SAMPLES_FILE, out_dir / KEY_FILE
+    if samples.exists() and samples.stat().st_size > 0:
+        old, problem = None, None
+        try:
+            old = json.loads(key_path.read_text())
+        except FileNotFoundError:
+            problem = f"{out_dir} holds {SAMPLES_FILE} but no {KEY_FILE} (samples of unknown settings)"
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problem = f"{out_dir} holds {SAMPLES_FILE} but {KEY_FILE} is unreadable ({e})"
+        if problem is None:
+            diff = key_diff(old, key)
+            if diff:
+                shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more (see {key_path})" if len(diff) > 6 else "")
+                problem = f"{out_dir} holds samples of other settings ({shown})"
+            elif not cfg.resume:
+                problem = f"{out_dir} already holds samples of these settings and --resume=false"
+        if problem is not None:
+            if not cfg.overwrite:
+                hint = ", or --resume=true to continue them" if problem.endswith("--resume=false") else ""
+                raise RunError(f"{problem}; use another --output_dir, or --overwrite=true to replace "
+                               f"them{hint}")
+            lines = sum(1 for _ in samples.open("rb"))
+            removed = [f for f in (samples, out_dir / RESULTS_FILE, key_path) if f.exists()]
+            log(f"jsdr.eval: --overwrite=true: removing {', '.join(f.name for f in removed)} ({lines} sample lines) "
+                f"from {out_dir}: {problem}")
+            for f in removed:
+                f.unlink()
+    text = json.dumps(key, indent=2) + "\n"
+    if not key_path.exists() or key_path.read_text() != text:
+        _write_atomic(key_path, text)
+
+
+def read_done(path: Path, n: int, log=print) -> dict[tuple[str, int], int]:
+    """{(benchmark, problem index): samples} of the complete problems in samples.jsonl.
+
+    A torn last line (the run was killed mid-write: no newline) is cut off, and the samples of
+    problems with fewer than n samples (a batch cut mid-write) are dropped; both are logged. Any
+    other unreadable line is an error."""
+    if not path.exists():
+        return {}
+    counts: dict[tuple[str, int], int] = {}
+    good_end, torn = 0, 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):  # only the last line can lack its newline
+                torn = len(line)
+                break
+            good_end += len(line)
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                key = (str(r["benchmark"]), int(r["problem_index"]))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                raise RunError(f"{path} line {i}: not a jsdr sample record; move the file away, or pass "
+                               f"--overwrite=true to replace it") from None
+            counts[key] = counts.get(key, 0) + 1
+    if torn:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+        log(f"jsdr.eval: {path}: cut off a torn last line ({torn} bytes without a newline: the run was stopped "
+            f"mid-write)")
+    over = sorted(k for k, c in counts.items() if c > n)
+    if over:
+        raise RunError(f"{path}: {over[0][0]} problem {over[0][1]} has {counts[over[0]]} samples, more than "
+                       f"sampling.n={n}; the file was edited or written by two runs at once: move it away, or pass "
+                       f"--overwrite=true to replace it")
+    partial = {k: c for k, c in counts.items() if c < n}
+    if partial:
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:  # the original stays whole until the filtered copy replaces it
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                for line in src:
+                    if line.strip():
+                        r = json.loads(line)
+                        if (str(r["benchmark"]), int(r["problem_index"])) in partial:
+                            continue
+                    dst.write(line)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log(f"jsdr.eval: {path}: dropped {sum(partial.values())} samples of {len(partial)} problem(s) with fewer "
+            f"than {n} (a batch stopped mid-write); their batch is sampled again")
+    return {k: c for k, c in counts.items() if c == n}
 
 
 def summarize_file(path: Path, n: int) -> dict:
     """Scores from samples.jsonl (only problems with all n samples)."""
     from jsdr.metrics import summarize
     per: dict[tuple[str, int], dict] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        p = per.setdefault((r["benchmark"], r["problem_index"]), {"benchmark": r["benchmark"], "correct": [],
-                                                                   "answers": [], "lengths": [], "errors": []})
-        p["correct"].append(bool(r["correct"]))
-        p["answers"].append(r["extracted"])
-        p["lengths"].append(int(r["length"]))
-        p["errors"].append(r["error"])
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            p = per.setdefault((r["benchmark"], r["problem_index"]), {
+                "benchmark": r["benchmark"], "correct": [], "answers": [], "lengths": [], "errors": []})
+            p["correct"].append(bool(r["correct"]))
+            p["answers"].append(r["extracted"])
+            p["lengths"].append(int(r["length"]))
+            p["errors"].append(r["error"])
     complete = [p for p in per.values() if len(p["correct"]) == n]
     return summarize(complete)
 
@@ -147,92 +394,179 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model(cfg: EvalConfig, mesh, progress: bool = True):
-    """(params with the adapter merged, model config, tokenizer, model directory)."""
+def _model_dir(cfg: EvalConfig, progress: bool = True) -> Path:
+    if cfg.model == "toy":
+        from jsdr.data.toy import ensure_toy_assets
+        return Path(ensure_toy_assets(progress=progress))
+    from jsdr.model import hf
+    return Path(hf.resolve_model_dir(cfg.model))
+
+
+def _load_tokenizer(cfg: EvalConfig, model_dir: Path):
     from transformers import AutoTokenizer
 
+    from jsdr.model.hf import CheckpointError
+    source = cfg.tokenizer or str(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # no tokenizer files, unknown id, no network
+        raise CheckpointError(f"tokenizer {source}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def load_model(cfg: EvalConfig, mesh, progress: bool = True, model_dir: str | Path | None = None, tokenizer=None):
+    """(params with the adapter merged, model config, tokenizer, model directory)."""
     from jsdr.model import hf
-    from jsdr.model.lora import load_peft, merge
-    model_dir = cfg.model
-    if model_dir == "toy":
-        from jsdr.data.toy import ensure_toy_assets
-        model_dir = str(ensure_toy_assets(progress=progress))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_dir)
+    from jsdr.model.lora import AdapterError, load_peft, merge
+    model_dir = Path(model_dir) if model_dir is not None else _model_dir(cfg, progress)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg, model_dir)
     dtype = jnp.dtype(cfg.dtype)
     with S.use_mesh(mesh):
-        params, mcfg, _ = hf.load_params(model_dir, mesh=mesh, dtype=dtype, progress=progress)
+        params, mcfg, _ = hf.load_params(str(model_dir), mesh=mesh, dtype=dtype, progress=progress)
         if cfg.adapter:
-            lora, lcfg = load_peft(cfg.adapter, mcfg, dtype=jnp.float32, mesh=mesh)
+            try:
+                lora, lcfg = load_peft(cfg.adapter, mcfg, dtype=jnp.float32, mesh=mesh)
+            except JsdrError:
+                raise
+            except ValueError as e:  # the LoRA tree's own checks
+                raise AdapterError(f"{cfg.adapter}: {e}") from e
             params = jax.jit(merge, static_argnums=2)(params, lora, lcfg.scale)
-    return params, mcfg, tokenizer, model_dir
+    return params, mcfg, tokenizer, str(model_dir)
+
+
+def _render_prompts(tok, items, thinking: bool) -> list[list[int]]:
+    from jsdr.data.prompts import PromptError, render_prompt, student_messages
+    from jsdr.model.hf import CheckpointError
+    try:
+        return [render_prompt(tok, student_messages(r["problem"]), thinking) for _, _, r in items]
+    except PromptError as e:  # e.g. a tokenizer without a chat template
+        raise CheckpointError(str(e)) from e
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     from tqdm import tqdm
 
-    from jsdr.data.prompts import render_prompt, stop_token_ids, student_messages
+    from jsdr.data.prompts import stop_token_ids
     from jsdr.data.rewards import grade
     from jsdr.sampling import Sampler
 
     mesh = S.make_mesh(S.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor),
                        jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None)
-    benches = [load_benchmark(b, cfg) for b in cfg.benchmarks]
-    params, mcfg, tok, model_dir = load_model(cfg, mesh, progress)
-    out_dir = Path(cfg.output_dir.format(model=Path(cfg.model.rstrip("/")).name))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = out_dir / "samples.jsonl"
+    benches = _load_benchmarks(cfg)
+    adapter_hash = adapter_sha256(cfg.adapter) if cfg.adapter else None
+    model_dir = _model_dir(cfg, progress)
+    tok = _load_tokenizer(cfg, model_dir)
+    items = [(name, i, r) for name, recs in benches for i, r in enumerate(recs)]
+    prompts = _render_prompts(tok, items, cfg.thinking)
+    stops = stop_token_ids(tok, cfg.sampling.stop_token_ids)
+    key = eval_key(cfg, benches, model_dir, tok, prompts, stops, adapter_hash)
+    out_dir = output_dir_of(cfg, key)
+    prepare_output_dir(out_dir, key, cfg, log)  # refuses before the weights are loaded
+    samples_path = out_dir / SAMPLES_FILE
     n = cfg.sampling.n
-    if not cfg.resume and samples_path.exists():
-        samples_path.unlink()
-    done = _done_problems(samples_path, n)
-    if any(c != n for c in done.values()):  # a batch cut mid-write: drop its partial problems
-        keep = [ln for ln in samples_path.read_text().splitlines() if ln.strip() and
-                done[(json.loads(ln)["benchmark"], json.loads(ln)["problem_index"])] == n]
-        samples_path.write_text("".join(ln + "\n" for ln in keep))
-        done = {k: c for k, c in done.items() if c == n}
-    sc = dataclasses.replace(cfg.sampling, stop_token_ids=stop_token_ids(tok, cfg.sampling.stop_token_ids))
+    done = read_done(samples_path, n, log)
+
+    params, mcfg, tok, _ = load_model(cfg, mesh, progress, model_dir=model_dir, tokenizer=tok)
+    sc = dataclasses.replace(cfg.sampling, stop_token_ids=stops)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sampler = Sampler(mcfg, mesh=mesh, pad_id=int(pad))
 
-    todo = [(name, i, r) for name, recs in benches for i, r in enumerate(recs) if (name, i) not in done]
-    total = sum(len(r) for _, r in benches)
+    # batches are fixed slices of the problem list, so a resumed run draws what an unbroken one would
+    bp = cfg.batch_prompts
+    batches = [list(range(s, min(s + bp, len(items)))) for s in range(0, len(items), bp)]
+    batches = [b for b in batches if any(items[j][:2] not in done for j in b)]
+    todo = sum(1 for b in batches for j in b if items[j][:2] not in done)
+    total = len(items)
     log(f"jsdr.eval: {total} problems x {n} samples over {', '.join(b for b, _ in benches)}; "
-        f"{total - len(todo)} already done in {samples_path}")
-    bar = tqdm(total=len(todo) * n, unit="sample", disable=not progress, dynamic_ncols=True)
+        f"{total - todo} already done in {samples_path} (key {key_hash(key)})")
+    bar = tqdm(total=todo * n, unit="sample", disable=not progress, dynamic_ncols=True)
     t0, n_tokens, n_samples = time.time(), 0, 0
-    with samples_path.open("a") as f:
-        for start in range(0, len(todo), cfg.batch_prompts):
-            chunk = todo[start:start + cfg.batch_prompts]
-            prompts = [render_prompt(tok, student_messages(r["problem"]), cfg.thinking) for _, _, r in chunk]
-            # the key depends only on the seed and the batch's first problem, not on what was resumed
-            tag = zlib.crc32(f"{chunk[0][0]}:{chunk[0][1]}".encode()) & 0x7FFFFFFF
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), tag)
-            with S.use_mesh(mesh):
-                out = sampler.generate(params, None, prompts, sc, rng=key)
-            reasons = out.finish_reason_str
-            for row in range(len(chunk) * n):
-                name, i, r = chunk[row // n]
-                length = int(out.lengths[row])
-                text = tok.decode(out.tokens[row, :length].tolist(), skip_special_tokens=True)
-                g = grade(text, r["answer"], method=cfg.grader)
-                f.write(json.dumps({"benchmark": name, "problem_index": i, "sample_index": row % n,
-                                    "prompt": r["problem"], "response": text, "answer": r["answer"],
-                                    "extracted": g.extracted, "correct": bool(g.correct), "error": g.error,
-                                    "length": length, "finish_reason": reasons[row]}) + "\n")
-                n_tokens += length
-            f.flush()
-            n_samples += len(chunk) * n
-            dt = max(time.time() - t0, 1e-9)
-            bar.update(len(chunk) * n)
-            bar.set_postfix({"samples/s": f"{n_samples / dt:.2f}", "tokens/s": f"{n_tokens / dt:.0f}"},
-                            refresh=False)
-    bar.close()
+    try:
+        with samples_path.open("a") as f:
+            for batch in batches:
+                name0, i0, _ = items[batch[0]]
+                # the key depends only on the seed and the batch's first problem
+                tag = zlib.crc32(f"{name0}:{i0}".encode()) & 0x7FFFFFFF
+                rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), tag)
+                with S.use_mesh(mesh):
+                    out = sampler.generate(params, None, [prompts[j] for j in batch], sc, rng=rng)
+                reasons = out.finish_reason_str
+                lines = []
+                for row in range(len(batch) * n):
+                    name, i, r = items[batch[row // n]]
+                    if (name, i) in done:  # complete before a stop mid-batch
+                        continue
+                    length = int(out.lengths[row])
+                    text = tok.decode(out.tokens[row, :length].tolist(), skip_special_tokens=True)
+                    g = grade(text, r["answer"], method=cfg.grader)
+                    lines.append(json.dumps({
+                        "benchmark": name, "problem_index": i, "sample_index": row % n, "prompt": r["problem"],
+                        "response": text, "answer": r["answer"], "extracted": g.extracted,
+                        "correct": bool(g.correct), "error": g.error, "length": length,
+                        "finish_reason": reasons[row]}) + "\n")
+                    n_tokens += length
+                f.write("".join(lines))
+                f.flush()
+                n_samples += len(lines)
+                dt = max(time.time() - t0, 1e-9)
+                bar.update(len(lines))
+                bar.set_postfix({"samples/s": f"{n_samples / dt:.2f}", "tokens/s": f"{n_tokens / dt:.0f}"},
+                                refresh=False)
+    except KeyboardInterrupt:
+        hint = "run the same command again to resume" if cfg.resume else "rerun with --resume=true to continue"
+        raise EvalInterrupted(samples_path, (total - todo) * n + n_samples, hint) from None
+    finally:
+        bar.close()
     results = summarize_file(samples_path, n)
+    results["key"] = key_hash(key)
+    results["output_dir"] = str(out_dir)
     results["config"] = C.to_dict(cfg)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
     log(format_table(results))
-    log(f"samples: {samples_path}\nscores: {out_dir / 'results.json'}")
+    log(f"samples: {samples_path}\nscores: {out_dir / RESULTS_FILE}\nsettings: {out_dir / KEY_FILE}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: Sequence[str]) -> EvalConfig:
+    """EvalConfig from `[--config FILE | --config=FILE] [--key=value ...]` (the file: YAML of EvalConfig keys)."""
+    cfg_path, rest, i = None, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" or a.startswith("--config="):
+            if cfg_path is not None:
+                raise ConfigError("--config is given twice; merge the files into one")
+            if a == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
+                cfg_path, i = argv[i + 1], i + 2
+            else:
+                cfg_path, i = a.split("=", 1)[1], i + 1
+                if not cfg_path:
+                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
+            continue
+        rest.append(a)
+        i += 1
+    return C.load(EvalConfig, cfg_path, rest)
+
+
+def _error_kind(e: BaseException) -> tuple[str, int]:
+    from jsdr.data.datasets import DataError
+    from jsdr.model.hf import CheckpointError
+    from jsdr.model.lora import AdapterError
+    for cls, kind, code in ((ConfigError, "configuration", 2), (RunError, "run", 1), (DataError, "data", 1),
+                            (AdapterError, "adapter", 1), (CheckpointError, "model", 1), (JsdrError, "jsdr", 1),
+                            (OSError, "I/O", 1)):
+        if isinstance(e, cls):
+            return kind, code
+    return "unexpected", 1
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,15 +577,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(C.help_text(EvalConfig))
         return 0
     try:
-        cfg_path = None
-        if "--config" in argv:
-            i = argv.index("--config")
-            cfg_path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-        cfg = C.load(EvalConfig, cfg_path, argv)
-        evaluate(cfg)
-    except ConfigError as e:
-        print(f"jsdr.eval: configuration error: {e}", file=sys.stderr)
-        return 2
+        evaluate(parse_args(argv))
+    except KeyboardInterrupt as e:
+        if isinstance(e, EvalInterrupted):
+            msg = (f"interrupted; the {e.n_written} samples written so far are kept in {e.samples_path}; "
+                   f"{e.resume_hint}")
+        else:
+            msg = "interrupted before sampling started"
+        print(f"jsdr.eval: {msg}", file=sys.stderr)
+        return 130
+    except (JsdrError, OSError) as e:
+        kind, code = _error_kind(e)
+        msg = _one_line(e)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg += "; the samples written so far are kept: free some space and run the same command again to resume"
+        print(f"jsdr.eval: {kind} error: {msg}", file=sys.stderr)
+        return code
     return 0
 
 
