@@ -403,14 +403,8 @@ def _model_dir(cfg: EvalConfig, progress: bool = True) -> Path:
 
 
 def _load_tokenizer(cfg: EvalConfig, model_dir: Path):
-    from transformers import AutoTokenizer
-
-    from jsdr.model.hf import CheckpointError
-    source = cfg.tokenizer or str(model_dir)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:  # no tokenizer files, unknown id, no network
-        raise CheckpointError(f"tokenizer {source}: cannot be loaded ({type(e).__name__}: {e})") from e
+    from jsdr.model import hf
+    return hf.load_tokenizer(cfg.tokenizer or str(model_dir))  # failures: one-line CheckpointErrors
 
 
 def load_model(cfg: EvalConfig, mesh, progress: bool = True, model_dir: str | Path | None = None, tokenizer=None):
