@@ -408,7 +408,8 @@ class DataSection:
     max_length: int = field(16000, "SFT: longest prompt + solution in tokens")
     overlong: Literal["drop", "truncate"] = field("drop", "what to do with a longer example (always counted)")
     shuffle: bool = field(True, "shuffle every epoch (seeded)")
-    eval: str | None = field(None, "held-out problems scored before and after training ('toy' or a file/hub id)")
+    eval: str | None = field(None, "held-out problems scored before and after training: a file/hub id, or 'toy' "
+                                   "(the toy's test split; 'toy:validation' for tuning)")
     eval_split: str = field("test", "split of the held-out set")
     eval_limit: int = field(64, "number of held-out problems")
     eval_max_new_tokens: int = field(512, "max new tokens when scoring held-out problems")

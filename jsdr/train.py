@@ -380,9 +380,9 @@ class Trainer:
         d = self.cfg.data
         if d.eval is None:
             return []
-        if d.eval == "toy":
+        if d.eval in ("toy", "toy:test", "toy:validation"):  # the toy's test split, or its validation split
             from jsdr.data import toy
-            return toy.toy_benchmark(d.eval_limit)
+            return toy.toy_benchmark(d.eval_limit, split="validation" if d.eval.endswith("validation") else "test")
         return self._read(d.eval, d.eval_split, d.eval_limit)
 
     def _read(self, source: str, split: str, limit: int | None) -> list[dict]:

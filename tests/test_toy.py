@@ -38,7 +38,7 @@ def _recompute(problem: str) -> int:
 @pytest.mark.parametrize("difficulty", [1, 3, (2, 7)])
 def test_solutions_are_verified(difficulty):
     for ex in toy.make_problems(200, seed=0, difficulty=difficulty) + toy.make_problems(
-            40, seed=0, difficulty=difficulty, split="test"):
+            16, seed=0, difficulty=difficulty, split="test"):
         assert ex["solution"].endswith(f"\\boxed{{{ex['answer']}}}.")
         assert ex["answer"] == str(_recompute(ex["problem"]))
         assert toy.boxed_answer(ex["solution"]) == ex["answer"]
@@ -67,17 +67,39 @@ def test_verify_rejects_wrong_solutions():
         toy.parse_problem("What is 2 + 2?")
 
 
+def _old_benchmark(n):
+    """The held-out problems of the previous release (one split 'test' = hash % 5 == 0, stream seed
+    10,000): the toy settings were tuned on them, so the new test split must not contain any."""
+    import hashlib
+    import random
+    rng, out = random.Random(f"toy-{toy.TOY_VERSION}-10000-4-4-test"), []
+    while len(out) < n:
+        d = rng.randint(4, 4)
+        start = rng.randrange(10)
+        ops = []
+        for _ in range(d):
+            op = rng.choice(toy.OPS)
+            ops.append((op, rng.randint(2, 9) if op == "*" else rng.randint(1, 9)))
+        p = toy.render_problem(start, ops)
+        if int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little") % 5 == 0 and p not in out:
+            out.append(p)
+    return set(out)
+
+
 def test_splits_are_disjoint():
     for d in (2, 4):
         train = {x["problem"] for x in toy.make_problems(3000, seed=0, difficulty=d)}
-        test = {x["problem"] for x in toy.make_problems(600, seed=0, difficulty=d, split="test")}
-        assert train and test and not (train & test)
-        assert all(toy.split_of(p) == "train" for p in train)
-        assert all(toy.split_of(p) == "test" for p in test)
-    bench = toy.toy_benchmark(128)
-    assert len({x["problem"] for x in bench}) == 128  # held-out problems do not repeat
+        val = {x["problem"] for x in toy.make_problems(300, seed=0, difficulty=d, split="validation")}
+        test = {x["problem"] for x in toy.make_problems(300, seed=0, difficulty=d, split="test")}
+        assert train and val and test and not (train & test) and not (train & val) and not (val & test)
+        for name, probs in (("train", train), ("validation", val), ("test", test)):
+            assert all(toy.split_of(p) == name for p in probs)
+    bench = toy.toy_benchmark(512)
+    assert len({x["problem"] for x in bench}) == 512  # held-out problems do not repeat
+    assert not {x["problem"] for x in bench} & _old_benchmark(256)  # nothing tuned on is in the test set
+    assert {toy.split_of(x["problem"]) for x in toy.toy_benchmark(64, split="validation")} == {"validation"}
     with pytest.raises(ValueError, match="unique test problems"):
-        toy.make_problems(500, difficulty=1, split="test")
+        toy.make_problems(300, difficulty=1, split="test")
     with pytest.raises(ValueError, match="split"):
         toy.make_problems(1, split="valid")
 

@@ -196,7 +196,7 @@ def test_overlong_examples_are_counted(assets, tmp_path):
 
 
 def test_help_lists_options(capsys):
-    assert TR.main(["--help"]) == 0
+    assert TR.main(["--model.path=Qwen/Qwen3-4B", "--help"]) == 0  # not the toy: the paper's method defaults
     out = capsys.readouterr().out
     for opt in ("--method=opsd", "--optim.learning_rate=2e-05", "--opsd.beta=0.5", "--rollout.top_p",
                 "--lora.rank=64", "--train.resume=False"):

@@ -42,8 +42,8 @@ from typing import Any, Iterable, Sequence
 TOY_VERSION = "v1"
 MOD = 10
 OPS = ("+", "-", "*")
-HELDOUT_EVERY = 5  # one problem in five (by hash of its canonical form) belongs to the held-out split
-SPLITS = ("train", "test")
+HELDOUT_EVERY = 5  # one problem in five (by hash of its canonical form) is held out from training ...
+SPLITS = ("train", "validation", "test")  # ... and half of those are for tuning (validation), half for the test
 DEFAULT_DIFFICULTY = 4  # operations per problem of the held-out benchmark
 TRAIN_DIFFICULTY = (1, 5)  # the warm start sees chains of 1..5 operations
 
@@ -177,9 +177,13 @@ def verify(example: dict) -> bool:
 
 
 def split_of(problem: str) -> str:
-    """'test' for one problem in HELDOUT_EVERY (a stable hash of the text), else 'train'."""
+    """By a stable hash of the text: one problem in HELDOUT_EVERY is held out, and the held-out ones
+    are split in two halves, 'validation' (for choosing settings) and 'test' (for reporting only);
+    the rest is 'train'."""
     h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "little")
-    return "test" if h % HELDOUT_EVERY == 0 else "train"
+    if h % HELDOUT_EVERY:
+        return "train"
+    return "validation" if (h // HELDOUT_EVERY) % 2 == 0 else "test"
 
 
 def _operand(rng: random.Random, op: str) -> int:
@@ -197,7 +201,7 @@ def make_problems(n: int, seed: int = 0, difficulty: int | tuple[int, int] = DEF
     """`n` problems of one split, deterministic in (seed, difficulty, split).
 
     difficulty: the number of operations, or an inclusive (lo, hi) range drawn uniformly per
-    problem. unique (default: True for 'test', False for 'train'): no problem twice in the list.
+    problem. unique (default: True for 'validation'/'test', False for 'train'): no problem twice.
     Each item: {"problem", "solution", "answer", "difficulty"}; the solution ends in \\boxed{answer}
     and is verified by recomputation.
     """
@@ -206,10 +210,10 @@ def make_problems(n: int, seed: int = 0, difficulty: int | tuple[int, int] = DEF
     lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else tuple(difficulty)
     if not (1 <= lo <= hi <= 26):
         raise ValueError(f"difficulty={difficulty!r}: need 1 <= operations <= 26 (or 1 <= lo <= hi <= 26)")
-    unique = split == "test" if unique is None else unique
+    unique = split != "train" if unique is None else unique
     if unique:
         space = sum(num_distinct(d) for d in range(lo, hi + 1))
-        share = 1 / HELDOUT_EVERY if split == "test" else 1 - 1 / HELDOUT_EVERY
+        share = 1 - 1 / HELDOUT_EVERY if split == "train" else 1 / (2 * HELDOUT_EVERY)
         if n > 0.8 * space * share:
             raise ValueError(f"make_problems: {n} unique {split} problems requested, but difficulty "
                              f"{difficulty} has only about {int(space * share)} in that split")
@@ -231,9 +235,15 @@ def make_problems(n: int, seed: int = 0, difficulty: int | tuple[int, int] = DEF
     return out
 
 
-def toy_benchmark(n: int = 128, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY) -> list[dict]:
-    """Held-out evaluation problems (the 'test' split, no repeats)."""
-    return make_problems(n, seed=10_000 + seed, difficulty=difficulty, split="test", unique=True)
+BENCHMARK_SEED = {"validation": 10_000, "test": 20_000}
+
+
+def toy_benchmark(n: int = 128, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY, split: str = "test") -> list[dict]:
+    """Held-out evaluation problems, no repeats: split 'test' (the default; reported, never used to
+    choose a setting) or 'validation' (for tuning)."""
+    if split not in BENCHMARK_SEED:
+        raise ValueError(f"toy_benchmark: split={split!r}; choose 'validation' or 'test'")
+    return make_problems(n, seed=BENCHMARK_SEED[split] + seed, difficulty=difficulty, split=split, unique=True)
 
 
 def boxed_answer(text: str) -> str | None:
@@ -622,10 +632,33 @@ def assets_dir(cache_dir: str | Path | None = None, settings: ToySettings = DEFA
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "toy_meta.json")
 
+# The warm start of DEFAULT_SETTINGS ships inside the package (3.4 MB), built once by
+# scripts/build_toy_model.py: every machine then starts from the same weights (a build's result
+# depends on the CPU's floating-point details, and the copy ability forms abruptly during training).
+SHIPPED_DIR = Path(__file__).resolve().parent / "toy_model"
+
+
+def shipped_assets(settings: ToySettings = DEFAULT_SETTINGS) -> Path | None:
+    """The packaged warm start when it exists, is complete and was built with `settings`."""
+    meta = SHIPPED_DIR / "toy_meta.json"
+    if not all((SHIPPED_DIR / f).exists() for f in _REQUIRED):
+        return None
+    try:
+        m = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    same = m.get("version") == TOY_VERSION and m.get("settings") == json.loads(json.dumps(dataclasses.asdict(settings)))
+    return SHIPPED_DIR if same else None
+
+
+def weights_sha256(directory: str | Path) -> str:
+    return hashlib.sha256((Path(directory) / "model.safetensors").read_bytes()).hexdigest()
+
 
 def ensure_toy_assets(cache_dir: str | Path | None = None, progress: bool = True,
                       settings: ToySettings | None = None, **overrides: Any) -> Path:
-    """The directory of the warm-started toy model (HF format, tokenizer included); built on first use.
+    """The directory of the warm-started toy model (HF format, tokenizer included): the one shipped in
+    the package for the default settings, else built on first use and cached.
 
     cache_dir: the cache root (default $JSDR_CACHE or ~/.cache/jsdr); the assets go to
     <root>/toy-<version>-<settings hash>. `overrides` replace fields of ToySettings (tests use a
@@ -633,6 +666,8 @@ def ensure_toy_assets(cache_dir: str | Path | None = None, progress: bool = True
     never used.
     """
     settings = dataclasses.replace(settings or DEFAULT_SETTINGS, **overrides)
+    if cache_dir is None and (shipped := shipped_assets(settings)) is not None:
+        return shipped
     final = assets_dir(cache_dir, settings)
     if all((final / f).exists() for f in _REQUIRED):
         return final
@@ -673,6 +708,6 @@ def build_assets(out_dir: str | Path, settings: ToySettings = DEFAULT_SETTINGS, 
         "eos_token_id": [eos, tokenizer.convert_tokens_to_ids(PAD_TOKEN)],
         "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN), "do_sample": True, "temperature": 1.0}, indent=2))
     meta = {"version": TOY_VERSION, "settings": dataclasses.asdict(settings), "num_params": cfg.num_params(),
-            "build_seconds": round(time.time() - t0, 1), "train_log": log}
+            "build_seconds": round(time.time() - t0, 1), "weights_sha256": weights_sha256(out), "train_log": log}
     (out / "toy_meta.json").write_text(json.dumps(meta, indent=2))
     return out
