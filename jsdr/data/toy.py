@@ -318,7 +318,7 @@ class ToySettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    steps: int = 1200
+    steps: int = 2400  # the copy ability forms between ~900 and ~1200 steps (probe in docs/toy.md)
     batch_rows: int = 4
     row_len: int = 256
     learning_rate: float = 4e-3
