@@ -324,3 +324,43 @@ def test_main_turns_expected_errors_into_one_line(assets, tmp_path, capsys):
         code = TR.main(argv)
         err = error_lines(capsys.readouterr().err)
         assert code == want and len(err) == 1 and needle in err[0], (argv, code, err)
+
+
+def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(assets, tmp_path):
+    """A real `python -m jsdr.train` killed with SIGKILL (no handler runs; possibly in the middle of a
+    checkpoint write) resumes from its last complete checkpoint to the metrics and adapter of an
+    uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
+    from jsdr.model.lora import load_peft
+    over = {"train": {"steps": 4, "save_every": 1}}
+    full = TR.Trainer(_cfg(assets, "opsd", tmp_path / "full", **over), progress=False, log=quiet())
+    full.run()
+    run = tmp_path / "killed"
+    argv = _argv(assets, run, f"--train.output_dir={run}", "--train.steps=4", "--train.save_every=1")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "jsdr.train", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (run / "checkpoints" / "2").exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (run / "checkpoints" / "2").exists(), "the run ended before its second checkpoint"
+    resumed = TR.Trainer(_cfg(assets, "opsd", run, train={"steps": 4, "save_every": 1, "resume": True}),
+                         progress=False, log=quiet())
+    resumed.run()
+
+    def read(p):
+        return {r["step"]: r for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}
+    a, b = read(tmp_path / "full"), read(run)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        for k in ("loss", "grad_norm", "rollout_tokens"):
+            np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-5, atol=1e-7, err_msg=f"{k}@{step}")
+    la, _ = load_peft(tmp_path / "full" / "adapter", full.mcfg)
+    lb, _ = load_peft(run / "adapter", full.mcfg)
+    for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
