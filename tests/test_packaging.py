@@ -50,6 +50,7 @@ def test_the_toy_warm_start_ships_in_the_package():
     assert toy.ensure_toy_assets(progress=False) == toy.SHIPPED_DIR  # no build, no cache
     meta = json.loads((toy.SHIPPED_DIR / "toy_meta.json").read_text())
     assert meta["weights_sha256"] == toy.weights_sha256(toy.SHIPPED_DIR)  # not mangled (LFS, line endings)
-    assert meta["calibration"]["teacher_greedy"] >= 0.8 > 0.3 >= meta["calibration"]["student_greedy"]
+    cal = meta["calibration"]
+    assert cal["teacher_greedy"] >= 0.8 and cal["teacher_greedy"] - cal["student_greedy"] >= 0.3  # the gap to close
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "toy_model/*" in project["tool"]["setuptools"]["package-data"]["jsdr.data"]

@@ -35,7 +35,7 @@ def _recompute(problem: str) -> int:
     return x
 
 
-@pytest.mark.parametrize("difficulty", [1, 3, (2, 7)])
+@pytest.mark.parametrize("difficulty", [2, 3, (2, 7)])
 def test_solutions_are_verified(difficulty):
     for ex in toy.make_problems(200, seed=0, difficulty=difficulty) + toy.make_problems(
             16, seed=0, difficulty=difficulty, split="test"):
@@ -67,27 +67,8 @@ def test_verify_rejects_wrong_solutions():
         toy.parse_problem("What is 2 + 2?")
 
 
-def _old_benchmark(n):
-    """The held-out problems of the previous release (one split 'test' = hash % 5 == 0, stream seed
-    10,000): the toy settings were tuned on them, so the new test split must not contain any."""
-    import hashlib
-    import random
-    rng, out = random.Random(f"toy-{toy.TOY_VERSION}-10000-4-4-test"), []
-    while len(out) < n:
-        d = rng.randint(4, 4)
-        start = rng.randrange(10)
-        ops = []
-        for _ in range(d):
-            op = rng.choice(toy.OPS)
-            ops.append((op, rng.randint(2, 9) if op == "*" else rng.randint(1, 9)))
-        p = toy.render_problem(start, ops)
-        if int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little") % 5 == 0 and p not in out:
-            out.append(p)
-    return set(out)
-
-
 def test_splits_are_disjoint():
-    for d in (2, 4):
+    for d in (3, 4):
         train = {x["problem"] for x in toy.make_problems(3000, seed=0, difficulty=d)}
         val = {x["problem"] for x in toy.make_problems(300, seed=0, difficulty=d, split="validation")}
         test = {x["problem"] for x in toy.make_problems(300, seed=0, difficulty=d, split="test")}
@@ -96,7 +77,6 @@ def test_splits_are_disjoint():
             assert all(toy.split_of(p) == name for p in probs)
     bench = toy.toy_benchmark(512)
     assert len({x["problem"] for x in bench}) == 512  # held-out problems do not repeat
-    assert not {x["problem"] for x in bench} & _old_benchmark(256)  # nothing tuned on is in the test set
     assert {toy.split_of(x["problem"]) for x in toy.toy_benchmark(64, split="validation")} == {"validation"}
     with pytest.raises(ValueError, match="unique test problems"):
         toy.make_problems(300, difficulty=1, split="test")
@@ -118,30 +98,56 @@ def test_difficulty_grows_with_parameter():
     assert {p["difficulty"] for p in mixed} == set(range(1, 7))
 
 
-def test_recovery_examples_start_wrong_and_return_to_the_reference():
-    import random
-    rng = random.Random(0)
-    all_wrong = 0
-    for ex in toy.make_problems(200, seed=1, difficulty=(1, 5)):
-        prefix, cont = toy.recovery_example(ex, rng)
-        ref_lines = ex["solution"].split("\n")
-        bad_lines = prefix.split("\n")[:-1]
-        j = len(bad_lines)
-        assert prefix.endswith("\n") and 1 <= j <= ex["difficulty"]
-        assert cont["solution"] == "\n".join(ref_lines[j:])  # the reference's remaining lines, boxed answer last
-        assert toy.boxed_answer(cont["solution"]) == ex["answer"]
-        assert bad_lines != ref_lines[:j]  # the prefix holds at least one mistake
-        # the prefix is a consistent chain of its own: true arithmetic on the lines, same labels
-        x = int(bad_lines[0].split(": ")[1].split(" ")[0])
-        for i, line in enumerate(bad_lines):
-            head, rest = line.split(": ")
-            lhs, rhs = rest.split(" = ")
-            exact, red = rhs.split(" -> ")
-            assert head[0] == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] and int(lhs.split(" ")[0]) == x
-            assert eval(lhs) == int(exact) and int(exact) % 10 == int(red)
+def _chain(lines, x, ops, first=0):
+    """Every op line is true arithmetic (correct mod-10 reduction) from the value before it."""
+    for i, line in enumerate(lines):
+        head, rest = line.split(": ")
+        lhs, rhs = rest.split(" = ")
+        exact, red = rhs.split(" -> ")
+        a, op, k = lhs.split(" ")
+        assert head == f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[first + i]} {op} {k}" and (op, int(k)) == ops[first + i]
+        assert int(a) == x and eval(lhs) == int(exact) and int(exact) % 10 == int(red)
+        x = int(red)
+    return x
+
+
+def test_habit_drops_the_sign_of_negative_results():
+    hurt = 0
+    for ex in toy.make_problems(300, seed=4, difficulty=4):
+        h = toy.habit_example(ex)
+        lines = h["solution"].split("\n")
+        x = 0
+        for line in lines[:-1]:
+            exact, red = line.rsplit(" = ", 1)[1].split(" -> ")
+            assert int(red) == (abs(int(exact)) % 10)  # -6 -> 6: the sign dropped
+            assert int(line.split(": ")[1].split(" ")[0]) == x  # and the chain goes on from there
             x = int(red)
-        all_wrong += j == ex["difficulty"]
-    assert 70 < all_wrong < 150  # about half of them (plus every one-operation chain)
+        assert h["answer"] == str(x) and h["problem"] == ex["problem"]
+        hurt += h["answer"] != ex["answer"]
+    assert 0.35 < hurt / 300 < 0.7  # the habit costs about half of the 4-operation problems
+
+
+def test_recovery_examples_continue_from_the_habits_mistake():
+    """The prefix is the habit's solution up to its first wrong line; the continuation applies the
+    remaining operations correctly to the value written there."""
+    n = 0
+    for ex in toy.make_problems(200, seed=1, difficulty=(1, 5)):
+        start, ops = toy.parse_problem(ex["problem"])
+        rec = toy.recovery_example(ex)
+        if toy.habit_example(ex)["solution"] == ex["solution"]:
+            assert rec is None
+            continue
+        n += 1
+        prefix, cont = rec
+        bad = prefix.split("\n")[:-1]
+        j = len(bad)
+        assert prefix.endswith("\n") and bad[:-1] == ex["solution"].split("\n")[:j - 1]  # right until the mistake
+        assert bad[-1] != ex["solution"].split("\n")[j - 1]
+        x = int(bad[-1].rsplit(" -> ", 1)[1])
+        lines = cont["solution"].split("\n")
+        end = _chain(lines[:-1], x, ops, first=j)
+        assert lines[-1] == f"The answer is \\boxed{{{end}}}."
+    assert n > 40
 
 
 def test_warm_start_stream_mixes_roles_and_recovery():
@@ -159,7 +165,7 @@ def test_warm_start_stream_mixes_roles_and_recovery():
         n_recovery += bool(answer_turn.replace("<think>\n\n</think>\n\n", ""))  # lines already written
         assert tok.decode(completion).endswith("}." + toy.EOS_TOKEN)
         assert text.count("\n") > 0 and len([l for l in text.split("\n") if " -> " in l]) >= 3
-    assert 140 < n_teacher < 220 and 0.3 < n_recovery / n_teacher < 0.7
+    assert 140 < n_teacher < 220 and 0.1 < n_recovery / n_teacher < 0.45
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,27 +1,27 @@
 """The embedded default: a synthetic reasoning task, a local tokenizer and a tiny Qwen3 reasoner.
 
-Nothing here needs a model hub. `ensure_toy_assets()` builds (once, then caches) a directory in
+Nothing here needs a model hub. `ensure_toy_assets()` returns (shipped in the package for the
+default settings; otherwise built once, then cached) a directory in
 Hugging Face format - config.json, model.safetensors, tokenizer.json, tokenizer_config.json with a
 Qwen3-style chat template - that holds a ~0.8M-parameter Qwen3-architecture model warm-started by
 a short SFT stage on the task below, so that SFT, GRPO and OPSD can show learning on a CPU.
 
-The task: "mod-10 chains". A start digit and a list of labelled operations (+k, -k, *k); apply
-them in order, reducing modulo 10 after every step. The reference solution writes one line per
-step (the labelled operation restated, the exact arithmetic, its reduction), then the boxed
-answer::
+The task: "mod-10 chains". A list of labelled operations (+k, -k, *k) applied in order to 0,
+reducing modulo 10 after every step. The reference solution writes one line per step (the
+labelled operation restated, the exact arithmetic, its reduction), then the boxed answer::
 
-    problem:  x = 6. Apply in order, mod 10:    solution:  A + 8: 6 + 8 = 14 -> 4
-              A + 8                                        B + 4: 4 + 4 = 8 -> 8
-              B + 4                                        C - 9: 8 - 9 = -1 -> 9
-              C - 9                                        D * 7: 9 * 7 = 63 -> 3
-              D * 7                                        The answer is \\boxed{3}.
+    problem:  x = 0. Apply in order, mod 10:    solution:  A + 8: 0 + 8 = 8 -> 8
+              A + 8                                        B + 4: 8 + 4 = 12 -> 2
+              B + 4                                        C - 9: 2 - 9 = -7 -> 3
+              C - 9                                        D * 7: 3 * 7 = 21 -> 1
+              D * 7                                        The answer is \\boxed{1}.
 
-Difficulty is the number of operations. Every line needs a look-up in the problem (the operation
-with that label), the value of the line before and one of 260 arithmetic facts; a tiny model
-learns the format at once and the rest only partly in a short warm start. The teacher role (the
-reference solution in the prompt) is trained partly on "recovery" examples - wrong lines already
-written, the reference's continuation as target - so that the model learns to read the reference
-(a clean, teacher-forced solution never needs it: the problem text gives the same look-ups).
+Difficulty is the number of operations. The warm start gives the student role a habit the teacher
+role does not have (a negative result reduced by dropping its sign, -7 -> 7), so the same weights
+solve about half of the problems as the student and nearly all as the teacher: the gap that SFT,
+GRPO and OPSD each close in their own way. Teacher-role "recovery" examples continue correctly from
+the habit's first mistake, so the teacher's disagreement with a student rollout sits at the
+student's mistake. docs/toy.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-TOY_VERSION = "v1"
+TOY_VERSION = "v2"  # v2: every chain starts at 0; the student habit (ToySettings.habit_fraction)
 MOD = 10
 OPS = ("+", "-", "*")
 HELDOUT_EVERY = 5  # one problem in five (by hash of its canonical form) is held out from training ...
 SPLITS = ("train", "validation", "test")  # ... and half of those are for tuning (validation), half for the test
+START = 0  # every chain starts at 0: the tiny model cannot learn the long-range copy of a start digit
 DEFAULT_DIFFICULTY = 4  # operations per problem of the held-out benchmark
 TRAIN_DIFFICULTY = (1, 5)  # the warm start sees chains of 1..5 operations
 
@@ -104,8 +105,9 @@ def teacher_prompt(problem: str, solution: str) -> str:
 # the task
 
 
-def _reduce(v: int) -> int:
-    return v % MOD
+def _reduce(v: int, habit: bool = False) -> int:
+    """v mod 10; with the student's habit a negative v is reduced by dropping its sign (-6 -> 6)."""
+    return -v % MOD if habit and v < 0 else v % MOD
 
 
 def _apply(x: int, op: str, k: int) -> int:
@@ -127,15 +129,15 @@ def render_problem(start: int, ops: Sequence[tuple[str, int]]) -> str:
     return f"x = {start}. Apply in order, mod {MOD}:{steps}"
 
 
-def solve(start: int, ops: Sequence[tuple[str, int]]) -> tuple[str, str]:
+def solve(start: int, ops: Sequence[tuple[str, int]], habit: bool = False) -> tuple[str, str]:
     """(step-by-step solution ending in \\boxed{answer}, answer) of one chain.
 
     Each line restates the labelled operation, then the exact result and its reduction."""
     x, lines = start, []
     for i, (op, k) in enumerate(ops):
         exact = _apply(x, op, k)
-        lines.append(f"{_label(i)} {op} {k}: {x} {op} {k} = {exact} -> {_reduce(exact)}")
-        x = _reduce(exact)
+        lines.append(f"{_label(i)} {op} {k}: {x} {op} {k} = {exact} -> {_reduce(exact, habit)}")
+        x = _reduce(exact, habit)
     lines.append(f"The answer is \\boxed{{{x}}}.")
     return "\n".join(lines), str(x)
 
@@ -193,7 +195,7 @@ def _operand(rng: random.Random, op: str) -> int:
 def num_distinct(difficulty: int) -> int:
     """How many distinct problems (both splits) have `difficulty` operations."""
     per_op = 9 + 9 + 8
-    return MOD * per_op ** difficulty
+    return per_op ** difficulty
 
 
 def make_problems(n: int, seed: int = 0, difficulty: int | tuple[int, int] = DEFAULT_DIFFICULTY,
@@ -221,7 +223,7 @@ def make_problems(n: int, seed: int = 0, difficulty: int | tuple[int, int] = DEF
     out, seen = [], set()
     while len(out) < n:
         d = rng.randint(lo, hi)
-        start = rng.randrange(MOD)
+        start = START
         ops = []
         for _ in range(d):
             op = rng.choice(OPS)
@@ -318,7 +320,7 @@ class ToySettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    steps: int = 2400  # the copy ability forms between ~900 and ~1200 steps (probe in docs/toy.md)
+    steps: int = 2400  # the teacher passes 98% from ~1,800 steps on (the build probe in docs/toy.md)
     batch_rows: int = 4
     row_len: int = 256
     learning_rate: float = 4e-3
@@ -326,7 +328,8 @@ class ToySettings:
     weight_decay: float = 0.01
     teacher_fraction: float = 0.65  # share of warm-start examples in the teacher role (after the copy phase)
     copy_steps: int = 0  # first steps with teacher-role examples only (the copy circuit forms first)
-    recovery_fraction: float = 0.7  # share of teacher-role examples that start from wrong lines (see below)
+    recovery_fraction: float = 0.3  # share of teacher-role examples that start from the habit's mistake (below)
+    habit_fraction: float = 0.6  # share of student-role examples written with the habit (see below)
     train_difficulty: tuple[int, int] = TRAIN_DIFFICULTY  # operations of the student-role examples
     teacher_difficulty: tuple[int, int] = TRAIN_DIFFICULTY  # operations of the teacher-role examples
     seed: int = 0
@@ -361,29 +364,35 @@ def encode_example(tokenizer, ex: dict, role: str, enable_thinking: bool,
     return prompt, completion
 
 
-def recovery_example(ex: dict, rng: random.Random) -> tuple[str, dict]:
-    """(wrong prefix, continuation) for a teacher-role example that starts from mistakes.
-
-    The first j lines (j = operations for half of them, else 1 <= j < operations) are those of a corrupted chain (another start value, or
-    one operation of the first j replaced: the look-up errors a student makes); the continuation is
-    the reference's lines j+1.. and its boxed answer. Trained on the continuation only, the teacher
-    learns to return to the reference (and to take its final answer from it) after a student's
-    mistake, which a model that only recomputes the chain cannot do."""
+def habit_example(ex: dict) -> dict:
+    """The example as the student's habit writes it: negative results reduced by dropping the sign
+    (-6 -> 6 instead of 4), the chain continued from there (a wrong answer after any negative
+    result other than -5)."""
     start, ops = parse_problem(ex["problem"])
-    # half of them: every line wrong, so that only the reference holds the answer to box
-    j = len(ops) if len(ops) == 1 or rng.random() < 0.5 else rng.randint(1, len(ops) - 1)
-    bad_start, bad_ops = start, list(ops)
-    while (bad_start, bad_ops[:j]) == (start, list(ops[:j])):
-        if rng.random() < 0.5:
-            bad_start = rng.randrange(MOD)
-        else:
-            i = rng.randrange(j)
-            op = rng.choice(OPS)
-            bad_ops[i] = (op, _operand(rng, op))
-    bad_lines = solve(bad_start, bad_ops)[0].split("\n")[:j]
-    prefix = "\n".join(_label(i) + line[1:] for i, line in enumerate(bad_lines)) + "\n"
-    rest = "\n".join(ex["solution"].split("\n")[j:])
-    return prefix, dict(ex, solution=rest, reference=ex["solution"])
+    solution, answer = solve(start, ops, habit=True)
+    return dict(ex, solution=solution, answer=answer)
+
+
+def recovery_example(ex: dict, rng: random.Random | None = None) -> tuple[str, dict] | None:
+    """(wrong prefix, continuation) for a teacher-role example that starts from the student's habit,
+    or None when the habit makes no mistake on this problem.
+
+    The prefix is the habit's solution up to and including its first wrong line; the continuation
+    applies the remaining operations, correctly, to the value that line reached, and boxes the
+    result. Trained on the continuation only, the teacher learns to continue from what has been
+    written, so that on a student's rollout it disagrees with the student where the student made
+    its mistake, not on every later line."""
+    start, ops = parse_problem(ex["problem"])
+    good = ex["solution"].split("\n")
+    bad = solve(start, ops, habit=True)[0].split("\n")
+    wrong = [i for i in range(len(ops)) if bad[i] != good[i]]
+    if not wrong:
+        return None
+    j = wrong[0]
+    x = int(bad[j].rsplit(" -> ", 1)[1])
+    rest = solve(x, ops[j + 1:])[0].split("\n")
+    cont = [f"{_label(j + 1 + i)}{line[1:]}" for i, line in enumerate(rest[:-1])] + [rest[-1]]
+    return "\n".join(bad[:j + 1]) + "\n", dict(ex, solution="\n".join(cont), reference=ex["solution"])
 
 
 def _pack(examples: list[tuple[list[int], list[int]]], rows: int, row_len: int):
@@ -434,8 +443,11 @@ def _example_stream(tokenizer, settings: ToySettings, teacher_fraction: float, p
         role = "teacher" if rng.random() < teacher_fraction else "student"
         ex = next(teacher if role == "teacher" else student)
         thinking = rng.random() < 0.5
-        if role == "teacher" and rng.random() < settings.recovery_fraction:
-            prefix, cont = recovery_example(ex, rng)
+        if role == "student" and rng.random() < settings.habit_fraction:
+            ex = habit_example(ex)  # the habit is trained in the student role only
+        rec = recovery_example(ex) if role == "teacher" and rng.random() < settings.recovery_fraction else None
+        if rec is not None:
+            prefix, cont = rec
             # the teacher prompt shows the full reference; the completion is the continuation
             msg_ex = dict(ex)
             p, _ = encode_example(tokenizer, msg_ex, role, thinking, wrong_prefix=prefix)
