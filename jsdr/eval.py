@@ -18,7 +18,7 @@ The scores (Avg@n, unbiased pass@k, maj@n, mean response length, per benchmark a
 average over benchmarks) are computed from that file, printed as a table and written to `results.json`.
 
 A benchmark is a registered name (aime24, aime25, hmmt25, amo, math500; loaded from the hub),
-`toy` (the embedded toy task's held-out split), `NAME:PATH` (a registered benchmark from a local copy,
+`toy` (the embedded toy task's test split; `toy:validation` its validation split), `NAME:PATH` (a registered benchmark from a local copy,
 or any local .jsonl/.json/.parquet file with the fields given by --problem_field/--answer_field).
 
 Exit codes: 0 done, 2 configuration error, 1 any other expected error (data, model, adapter, output
@@ -107,9 +107,9 @@ def load_benchmark(entry: str, cfg: EvalConfig) -> tuple[str, list[dict]]:
     """(name, records with problem/answer) of one --benchmarks entry."""
     from jsdr.data.datasets import BENCHMARKS, load_records, load_spec
     name, _, path = entry.partition(":")
-    if name == "toy" and not path:
+    if name == "toy" and path in ("", "test", "validation"):  # the toy's test split (or toy:validation)
         from jsdr.data import toy
-        return "toy", toy.toy_benchmark(cfg.limit or 128)
+        return entry, toy.toy_benchmark(cfg.limit or 256, split=path or "test")
     if name in BENCHMARKS:
         return name, load_spec(name, path=path or None, limit=cfg.limit)
     if not path:
