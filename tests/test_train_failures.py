@@ -364,3 +364,17 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(assets, tmp_path):
     lb, _ = load_peft(run / "adapter", full.mcfg)
     for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
+
+
+def test_collapse_and_huge_learning_rate_warn(assets, tmp_path):
+    """lr 1e3 used to kill the model silently (grad norm 0, accuracy 0): a learning rate >= 0.1 warns
+    at start-up, and a zero gradient with a non-zero loss for 3 steps in a row warns once."""
+    logs = []
+    tr = TR.Trainer(_cfg(assets, "sft", tmp_path, optim={"learning_rate": 1e3}), progress=False, log=quiet(logs))
+    assert any("optim.learning_rate=1000 is unusually large" in m for m in logs), logs
+    tr.nonfinite_run = tr.nonfinite_total = tr.zero_grad_run = 0
+    for step in range(1, 6):
+        tr._check_finite(step, {"skipped": 0.0, "loss": 2.3, "grad_norm": 0.0}, ckpt=None)
+    assert sum("gradient norm has been 0 for 3 steps" in m for m in logs) == 1
+    tr._check_finite(6, {"skipped": 0.0, "loss": 2.3, "grad_norm": 0.5}, ckpt=None)
+    assert tr.zero_grad_run == 0
