@@ -33,6 +33,9 @@ from jsdr.errors import JsdrError
 class ConfigError(JsdrError, ValueError):
     """A bad configuration value; the message names the key."""
 
+    kind = "configuration"
+    exit_code = 2
+
 
 def _is_dc(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)

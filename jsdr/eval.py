@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jsdr import config as C
 from jsdr import sharding as S
 from jsdr.config import ConfigError, MeshSection, field
-from jsdr.errors import JsdrError, RunError
+from jsdr.errors import JsdrError, RunError, error_line
 from jsdr.sampling import SamplingConfig
 
 TABLE5 = SamplingConfig(temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, n=16,
@@ -547,22 +547,6 @@ def parse_args(argv: Sequence[str]) -> EvalConfig:
     return C.load(EvalConfig, cfg_path, rest)
 
 
-def _error_kind(e: BaseException) -> tuple[str, int]:
-    from jsdr.data.datasets import DataError
-    from jsdr.model.hf import CheckpointError
-    from jsdr.model.lora import AdapterError
-    for cls, kind, code in ((ConfigError, "configuration", 2), (RunError, "run", 1), (DataError, "data", 1),
-                            (AdapterError, "adapter", 1), (CheckpointError, "model", 1), (JsdrError, "jsdr", 1),
-                            (OSError, "I/O", 1)):
-        if isinstance(e, cls):
-            return kind, code
-    return "unexpected", 1
-
-
-def _one_line(s: str) -> str:
-    return " ".join(str(s).split())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -581,11 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jsdr.eval: {msg}", file=sys.stderr)
         return 130
     except (JsdrError, OSError) as e:
-        kind, code = _error_kind(e)
-        msg = _one_line(e)
+        line, code = error_line("jsdr.eval", e)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            msg += "; the samples written so far are kept: free some space and run the same command again to resume"
-        print(f"jsdr.eval: {kind} error: {msg}", file=sys.stderr)
+            line += "; the samples written so far are kept: free some space and run the same command again to resume"
+        print(line, file=sys.stderr)
         return code
     return 0
 

@@ -35,7 +35,7 @@ from jsdr import config as C
 from jsdr import sharding as S
 from jsdr.checkpoint import Checkpointer
 from jsdr.config import ConfigError, TrainConfig
-from jsdr.errors import JsdrError, RunError
+from jsdr.errors import JsdrError, RunError, error_line
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -650,11 +650,15 @@ class Trainer:
 
     def _same_config_on_disk(self) -> bool:
         try:
-            saved = _flat(self._saved_config())
+            return not self._config_changes()
         except RunError:
             return False
-        now = _flat(C.to_dict(self.cfg))
-        return all(saved.get(k) == now.get(k) for k in set(saved) | set(now) if k not in RESUME_FREE)
+
+    def _config_changes(self) -> dict[str, tuple]:
+        """{dotted key: (saved, now)} of the settings outside RESUME_FREE that differ from the run on disk."""
+        saved, now = _flat(self._saved_config()), _flat(C.to_dict(self.cfg))
+        return {k: (saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
+                if saved.get(k, "<absent>") != now.get(k, "<absent>") and k not in RESUME_FREE}
 
     def _saved_config(self) -> dict:
         hist = self.run_dir / "config_history.jsonl"
@@ -673,10 +677,7 @@ class Trainer:
 
     def _check_resume_config(self) -> None:
         """Refuse a resume whose configuration changes the run (any setting outside RESUME_FREE)."""
-        saved, now = _flat(self._saved_config()), _flat(C.to_dict(self.cfg))
-        changed = {k: (saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
-                   if saved.get(k, "<absent>") != now.get(k, "<absent>") and k not in RESUME_FREE}
-        self.resume_changes = changed
+        changed = self.resume_changes = self._config_changes()
         if not changed:
             return
         desc = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -904,18 +905,6 @@ def _config_arg(argv: Sequence[str]) -> str | None:
         if a == "--config" and i + 1 < len(argv):
             return argv[i + 1]
     return None
-
-
-def error_line(prog: str, e: BaseException) -> tuple[str, int]:
-    """(one line for stderr, exit code) of an expected failure."""
-    import errno
-    msg = " | ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip()) or type(e).__name__
-    if isinstance(e, ConfigError):
-        return f"{prog}: configuration error: {msg}", 2
-    if isinstance(e, OSError):
-        kind = "disk full" if e.errno == errno.ENOSPC else "I/O error"
-        return f"{prog}: {kind}: {msg}", 1
-    return f"{prog}: error: {msg}", 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,8 @@ DEFAULT_FIELDS = {"problem": "problem", "solution": "solution", "answer": "answe
 class DataError(JsdrError, ValueError):
     """A data source that cannot be read as asked; the message names the file/dataset and row."""
 
+    kind = "data"
+
 
 # ---------------------------------------------------------------------------------------------
 # registry

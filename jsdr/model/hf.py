@@ -43,6 +43,8 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 class CheckpointError(JsdrError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
 
+    kind = "model"
+
 
 # ---------------------------------------------------------------------------------------------
 # config

@@ -53,6 +53,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 class AdapterError(CheckpointError):
     """A PEFT adapter that does not fit the model or uses a feature jsdr does not implement."""
 
+    kind = "adapter"
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
