@@ -97,15 +97,7 @@ def test_scores_from_known_samples(toy_tiny_assets, bench, tmp_path, monkeypatch
                 ans = probs[i]["answer"] if j < i else str((int(probs[i]["answer"]) + 1) % 10)
                 texts.append(f"so \\boxed{{{ans}}}")
         fake_generate.offset += len(prompts)
-        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        L = max(map(len, ids))
-        toks = np.zeros((len(ids), L), np.int32)
-        for r, x in enumerate(ids):
-            toks[r, :len(x)] = x
-        R = len(ids)
-        return SampleOutput(toks, np.zeros((R, L), np.float32), np.zeros((R, L), np.float32),
-                            np.array([len(x) for x in ids], np.int32), np.zeros(R, np.int8),
-                            np.arange(R) // sc.n)
+        return _sample_output(tok, texts, sc.n)
     fake_generate.offset = 0
     monkeypatch.setattr("jsdr.sampling.Sampler.generate", fake_generate)
     res = EV.evaluate(_cfg(toy_tiny_assets, bench, tmp_path), progress=False, log=lambda *a: None)

@@ -373,7 +373,7 @@ def habit_example(ex: dict) -> dict:
     return dict(ex, solution=solution, answer=answer)
 
 
-def recovery_example(ex: dict, rng: random.Random | None = None) -> tuple[str, dict] | None:
+def recovery_example(ex: dict) -> tuple[str, dict] | None:
     """(wrong prefix, continuation) for a teacher-role example that starts from the student's habit,
     or None when the habit makes no mistake on this problem.
 
