@@ -378,6 +378,43 @@ def forward(params: Params, tokens, positions, segment_ids, cfg: ModelConfig, lo
     return lm_head(params, out, cfg)
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model and the static options of its forward pass, travelling as one value.
+
+    Hashable, so it can be a static argument of `jax.jit`. Losses, the sampler and the train step take
+    one `Model` instead of threading lora_scale / attn_impl / remat / dtype / lora_dropout separately.
+    `dtype` is the compute dtype name (None: the dtype of the base weights).
+    """
+
+    cfg: ModelConfig
+    lora_scale: float = 1.0
+    attn_impl: str = "xla"
+    remat: str = "none"
+    dtype: str | None = None
+    lora_dropout: float = 0.0
+
+    def hidden(self, params: Params, lora: Params | None, tokens, positions, segment_ids, *,
+               cache: dict | None = None, rng: jax.Array | None = None):
+        """Final-norm hidden states (and the new cache when `cache` is given). LoRA dropout is applied
+        only when this model has a rate > 0, a LoRA tree is given and `rng` is given (training)."""
+        dropout = None
+        if self.lora_dropout > 0 and lora is not None:
+            if rng is None:
+                raise ValueError(f"lora_dropout={self.lora_dropout} needs an rng key (the trained forward)")
+            dropout = (float(self.lora_dropout), rng)
+        return forward_hidden(params, tokens, positions, segment_ids, self.cfg, lora, self.lora_scale,
+                              cache=cache, attn_impl=self.attn_impl, remat=self.remat,
+                              dtype=None if self.dtype is None else jnp.dtype(self.dtype), lora_dropout=dropout)
+
+    def head_kernel(self, params: Params) -> jax.Array:
+        """The [E, V] output projection."""
+        return lm_head_kernel(params, self.cfg)
+
+    def logits(self, params: Params, hidden, out_dtype=jnp.float32) -> jax.Array:
+        return lm_head(params, hidden, self.cfg, out_dtype)
+
+
 def positions_from_segments(segment_ids) -> jax.Array:
     """Positions that restart at 0 for every segment and skip padding (left padding or packing)."""
     seg = jnp.asarray(segment_ids)
