@@ -31,10 +31,17 @@ from jsdr.errors import JsdrError
 
 
 class ConfigError(JsdrError, ValueError):
-    """A bad configuration value; the message names the key."""
+    """A bad configuration value; the message names the key.
+
+    `key` (optional) is the field's name relative to the dataclass that raised it; the loader prefixes
+    it with the section path (`beta` -> `opsd.beta`) so the message names the option a user types."""
 
     kind = "configuration"
     exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key, self.detail = key, detail
 
 
 def _is_dc(tp) -> bool:
@@ -92,6 +99,11 @@ def convert(value: Any, tp, key: str) -> Any:
                 value = [value]
             return tuple(convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
         if origin is dict or tp is dict:
+            if isinstance(value, str):  # from the command line: the mapping in YAML flow style
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{key}: {value!r} is not a YAML mapping ({e})") from None
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
             return dict(value)
@@ -152,7 +164,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
         kwargs[k] = convert(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as e:
+        if e.key is not None and prefix:
+            raise ConfigError(f"{prefix}{e.key}: {e.detail}", key=prefix + e.key, detail=e.detail) from None
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
@@ -263,6 +277,30 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(the file of `--config FILE` or `--config=FILE`, the other arguments). Both entry points parse
+    their command line with this, so they accept the same forms."""
+    path, rest, i = None, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" or a.startswith("--config="):
+            if path is not None:
+                raise ConfigError("--config is given twice; merge the files into one")
+            if a == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
+                path, i = argv[i + 1], i + 2
+            else:
+                path, i = a.split("=", 1)[1], i + 1
+                if not path:
+                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
+            continue
+        rest.append(a)
+        i += 1
+    return path, rest
+
+
 def load(cls, yaml_path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None):
     """defaults <- base dict <- YAML file <- command-line overrides, validated into `cls`."""
     data = dict(base or {})
@@ -283,63 +321,12 @@ def _type_name(tp) -> str:
     if get_origin(inner) is Literal:
         s = "|".join(str(a) for a in get_args(inner))
     elif get_origin(inner) in (tuple, list):
-        s = "list"
+        args = [a for a in get_args(inner) if a is not Ellipsis]
+        item = _type_name(args[0]) if len(args) == 1 else ""
+        s = f"list of {item}" if item and item not in ("str", "Any") else "list"
     else:
         s = getattr(inner, "__name__", str(inner))
     return s + ("|None" if optional else "")
-
-
-def type_name_of(cls, key: str) -> str:
-    """Name of the dataclass that holds the field at dotted `key`."""
-    for part in key.split(".")[:-1]:
-        cls, _ = _strip_optional(_hints(cls)[part])
-    return cls.__name__
-
-
-# Help of fields whose dataclasses live beside their code (they carry docstrings, not metadata).
-FIELD_HELP = {
-    "LoraConfig.rank": "LoRA rank r",
-    "LoraConfig.alpha": "LoRA alpha; the delta is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
-    "LoraConfig.dropout": "dropout on the input of every LoRA path (training only)",
-    "LoraConfig.target_modules": "projections with an adapter (PEFT names) or all-linear",
-    "LoraConfig.use_rslora": "rank-stabilised scaling alpha / sqrt(r)",
-    "SamplingConfig.temperature": "rollout temperature (0 = greedy)",
-    "SamplingConfig.top_p": "nucleus filter on probabilities (1 = off)",
-    "SamplingConfig.top_k": "keep the k most likely tokens (-1 = off)",
-    "SamplingConfig.min_p": "drop tokens below min_p x the top probability (0 = off)",
-    "SamplingConfig.presence_penalty": "subtracted from the logits of tokens already generated (0 = off)",
-    "SamplingConfig.n": "samples per prompt (GRPO: the group size)",
-    "SamplingConfig.max_new_tokens": "rollouts are cut at this length",
-    "SamplingConfig.stop_token_ids": "extra stop ids (EOS and chat end markers are always added)",
-    "SamplingConfig.seed": "sampling seed",
-    "PromptTemplates.student": "student user message; {problem} is filled in",
-    "PromptTemplates.teacher": "teacher user message; {problem} and {solution} are filled in",
-    "PromptTemplates.student_thinking": "Qwen3 thinking mode in the student prompt (and GRPO/SFT/eval prompts)",
-    "PromptTemplates.teacher_thinking": "Qwen3 thinking mode in the OPSD teacher prompt",
-    "PromptTemplates.system": "optional system message for both roles",
-    "SFTConfig.reduction": "token: mean over all response tokens | sequence: per example, then over examples",
-    "SFTConfig.chunk_size": "positions per lm-head chunk (None = one chunk)",
-    "GRPOConfig.epsilon_low": "ratio clip below: 1 - epsilon_low",
-    "GRPOConfig.epsilon_high": "ratio clip above: 1 + epsilon_high (DAPO uses a larger value)",
-    "GRPOConfig.beta": "weight of the k3 KL to the base model (0 = no reference forward)",
-    "GRPOConfig.std_normalization": "divide group-centred rewards by the group std (+ adv_eps)",
-    "GRPOConfig.adv_eps": "added to the group std",
-    "GRPOConfig.aggregation": "grpo: per sequence then batch | dapo: all tokens | dr_grpo: sum / (B x max_len)",
-    "GRPOConfig.num_generations": "group size; must equal rollout.n",
-    "GRPOConfig.temperature": "logits / temperature in the loss; must equal rollout.temperature",
-    "GRPOConfig.max_completion_length": "dr_grpo normaliser (None = the batch's row length)",
-    "GRPOConfig.chunk_size": "positions per lm-head chunk (None = one chunk)",
-    "OPSDConfig.beta": "generalized JSD weight, TRL convention: 0 = forward KL(teacher||student), 1 = reverse KL",
-    "OPSDConfig.temperature": "teacher and student logits are divided by it",
-    "OPSDConfig.clip_tau": "cap of the per-token divergence (v3 of the paper; None = off)",
-    "OPSDConfig.clip_mode": "token: clip each position's divergence | vocab: clip each vocabulary term",
-    "OPSDConfig.reduction": "sequence: mean per rollout, then over rollouts (paper) | token: over all tokens",
-    "OPSDConfig.variant": "full: whole vocabulary | sampled_token: advantage on the sampled token | top_k",
-    "OPSDConfig.top_k": "teacher top-k support of the top_k variant",
-    "OPSDConfig.teacher": "fixed: base weights (LoRA off) | live: current weights | ema: moving average",
-    "OPSDConfig.ema_decay": "decay of the ema teacher",
-    "OPSDConfig.chunk_size": "rollout positions per lm-head chunk (None = one chunk)",
-}
 
 
 def help_text(cls, defaults=None) -> str:
@@ -357,7 +344,7 @@ def help_text(cls, defaults=None) -> str:
         if isinstance(value, tuple):
             value = ",".join(map(str, value))
         lines.append(f"  --{key}={value}  ({_type_name(tp)})")
-        text = f.metadata.get("help") or FIELD_HELP.get(f"{type_name_of(cls, key)}.{f.name}")
+        text = f.metadata.get("help")
         if text:
             lines.append(f"      {text}")
     return "\n".join(lines)
@@ -372,136 +359,7 @@ def field(default=dataclasses.MISSING, help: str = "", **kw):
 
 
 def check(cond: bool, key: str, message: str) -> None:
-    """Raise ConfigError(f"{key}: {message}") unless cond."""
+    """Raise ConfigError(f"{key}: {message}") unless cond. `key` is the field name within its dataclass
+    (the loader adds the section: `opsd.beta`)."""
     if not cond:
-        raise ConfigError(f"{key}: {message}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The settings of `python -m jsdr.train`. Method, LoRA and sampling settings live beside their code
-# (jsdr/losses, jsdr/model/lora.py, jsdr/sampling.py) and are nested here.
-
-from jsdr.data.prompts import PromptTemplates  # noqa: E402
-from jsdr.losses import GRPOConfig, OPSDConfig, SFTConfig  # noqa: E402
-from jsdr.model.lora import LoraConfig  # noqa: E402
-from jsdr.sampling import SamplingConfig  # noqa: E402
-
-DTYPES = ("bfloat16", "float32")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    path: str = field("toy", "HF hub id or local directory (config.json + safetensors); 'toy' = the "
-                             "embedded toy reasoner, built on first use")
-    tokenizer: str | None = field(None, "tokenizer hub id or directory (default: the model's)")
-    dtype: Literal["bfloat16", "float32"] = field("bfloat16", "compute and base-weight dtype; losses are float32")
-    attn_impl: Literal["xla", "pallas", "cudnn"] = field("xla", "attention implementation for training forward/backward")
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = field("full", "per-layer rematerialization policy")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    train: str = field("toy", "hub id, local .jsonl/.json/.parquet file or directory, or 'toy'")
-    split: str = field("train", "dataset split of a hub dataset")
-    problem_field: str = field("problem", "field holding the problem text")
-    solution_field: str = field("solution", "field holding the reference solution (SFT target, OPSD teacher)")
-    answer_field: str = field("answer", "field holding the final answer (GRPO reward)")
-    limit: int | None = field(None, "use only the first N records")
-    max_prompt_tokens: int = field(1024, "longest prompt (teacher prompts include the solution)")
-    max_length: int = field(16000, "SFT: longest prompt + solution in tokens")
-    overlong: Literal["drop", "truncate"] = field("drop", "what to do with a longer example (always counted)")
-    shuffle: bool = field(True, "shuffle every epoch (seeded)")
-    eval: str | None = field(None, "held-out problems scored before and after training: a file/hub id, or 'toy' "
-                                   "(the toy's test split; 'toy:validation' for tuning)")
-    eval_split: str = field("test", "split of the held-out set")
-    eval_limit: int = field(64, "number of held-out problems")
-    eval_max_new_tokens: int = field(512, "max new tokens when scoring held-out problems")
-    eval_temperature: float = field(0.0, "sampling temperature of the held-out score (0 = greedy)")
-
-    def __post_init__(self):
-        check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
-        check(self.max_length > 0, "data.max_length", "must be > 0")
-        check(self.limit is None or self.limit > 0, "data.limit", "must be > 0 or None")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-    learning_rate: float = field(2e-5, "peak learning rate of AdamW")
-    schedule: Literal["constant", "cosine", "linear"] = field("constant", "decay after warmup")
-    warmup_steps: int = field(0, "linear warmup steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = field(0.0, "warmup as a fraction of train.steps")
-    weight_decay: float = field(0.0, "decoupled weight decay")
-    b1: float = field(0.9, "Adam beta1")
-    b2: float = field(0.999, "Adam beta2")
-    eps: float = field(1e-8, "Adam epsilon")
-    max_grad_norm: float = field(1.0, "global gradient-norm clip (0 = off)")
-
-    def __post_init__(self):
-        check(self.learning_rate > 0, "optim.learning_rate", "must be > 0")
-        check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
-        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSection:
-    steps: int = field(100, "optimizer steps")
-    per_device_batch: int = field(1, "sequences per data-parallel device per micro-batch (GRPO: completions)")
-    grad_accum: int = field(4, "micro-batches accumulated per optimizer step")
-    effective_batch: int | None = field(None, "if set, must equal per_device_batch x data-parallel devices x grad_accum")
-    log_every: int = field(1, "log metrics every N steps")
-    save_every: int = field(50, "checkpoint every N steps (and always at the end)")
-    eval_every: int = field(0, "score the held-out set every N steps (0 = only before and after)")
-    keep_checkpoints: int = field(3, "checkpoints kept on disk")
-    output_dir: str = field("runs/{method}", "run directory ({method} is replaced)")
-    resume: bool = field(False, "continue from the latest checkpoint in output_dir")
-    overwrite: bool = field(False, "replace what an earlier run left in output_dir (metrics, checkpoints, "
-                                   "adapter); without it a non-empty run directory is refused")
-    resume_override: bool = field(False, "resume even though settings that change the run (lr, schedule, "
-                                         "steps, clip, method options, data) differ from the saved ones")
-    max_nonfinite_steps: int = field(5, "stop after this many consecutive steps whose loss or gradient is "
-                                        "not finite (each such step is skipped: weights unchanged)")
-    seq_bucket: int = field(64, "sequence lengths are padded to a multiple of this (one compile per bucket)")
-
-    def __post_init__(self):
-        for k in ("steps", "per_device_batch", "grad_accum", "log_every", "save_every", "keep_checkpoints",
-                  "seq_bucket", "max_nonfinite_steps"):
-            check(getattr(self, k) > 0, f"train.{k}", "must be > 0")
-        check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-    data: int = field(1, "data-parallel axis size (base weights replicated along it)")
-    fsdp: int = field(-1, "fully-sharded data-parallel axis size (-1 = all remaining devices)")
-    tensor: int = field(1, "tensor-parallel axis size")
-    num_devices: int | None = field(None, "use only the first N devices (None = all)")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    method: Literal["sft", "grpo", "opsd"] = field("opsd", "training method")
-    seed: int = field(0, "seed of LoRA init, data order and sampling")
-    reward: Literal["math_verify", "string"] = field("math_verify", "grader of \\boxed{} answers (GRPO reward, "
-                                                                    "held-out accuracy)")
-    model: ModelSection = field(ModelSection(), "")
-    lora: LoraConfig = field(LoraConfig(), "")
-    data: DataSection = field(DataSection(), "")
-    prompts: PromptTemplates = field(PromptTemplates(), "")
-    optim: OptimSection = field(OptimSection(), "")
-    train: LoopSection = field(LoopSection(), "")
-    mesh: MeshSection = field(MeshSection(), "")
-    rollout: SamplingConfig = field(SamplingConfig(), "")
-    sft: SFTConfig = field(SFTConfig(), "")
-    grpo: GRPOConfig = field(GRPOConfig(), "")
-    opsd: OPSDConfig = field(OPSDConfig(), "")
-
-
-# Per-method defaults that differ from the dataclass defaults (paper table 4/6); YAML and the command
-# line override them.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "sft": {"train": {"per_device_batch": 2, "grad_accum": 4}},
-    "grpo": {"rollout": {"temperature": 1.2, "top_p": 1.0, "n": 8, "max_new_tokens": 16000},
-             "grpo": {"temperature": 1.2, "num_generations": 8}},
-    "opsd": {"rollout": {"temperature": 1.1, "top_p": 0.95, "top_k": 20, "n": 1, "max_new_tokens": 2048}},
-}
+        raise ConfigError(f"{key}: {message}", key=key, detail=message)

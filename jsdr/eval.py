@@ -39,13 +39,20 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import jax
-import jax.numpy as jnp
+from tqdm import tqdm
 
-from jsdr import config as C
-from jsdr import sharding as S
-from jsdr.config import ConfigError, MeshSection, field
+from jsdr import config, run, sharding, toy
+from jsdr.config import ConfigError, field
+from jsdr.data.datasets import BENCHMARKS, DataError, load_records, load_spec
+from jsdr.data.prompts import PromptError, PromptTemplates, render_prompt, stop_token_ids, student_messages
+from jsdr.data.rewards import grade
 from jsdr.errors import JsdrError, RunError, error_line
-from jsdr.sampling import SamplingConfig
+from jsdr.metrics import summarize
+from jsdr.model import hf
+from jsdr.model.hf import CheckpointError
+from jsdr.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from jsdr.model.transformer import Model
+from jsdr.sampling import Sampler, SamplingConfig
 
 TABLE5 = SamplingConfig(temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, n=16,
                         max_new_tokens=38912)
@@ -78,12 +85,12 @@ class EvalConfig:
     overwrite: bool = field(False, "remove samples in output_dir that would otherwise be refused (another key, "
                                    "unknown key, or --resume=false)")
     seed: int = field(0, "sampling seed (each batch folds in its position)")
-    mesh: MeshSection = field(MeshSection(), "")
+    mesh: sharding.MeshConfig = field(sharding.MeshConfig(), "")
 
     def __post_init__(self):
-        C.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
-        C.check(self.batch_prompts > 0, "batch_prompts", "must be > 0")
-        C.check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
+        config.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
+        config.check(self.batch_prompts > 0, "batch_prompts", "must be > 0")
+        config.check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
         try:
             self.output_dir.format(**{k: "x" for k in OUTPUT_PLACEHOLDERS})
         except (KeyError, IndexError, ValueError) as e:
@@ -105,10 +112,8 @@ class EvalInterrupted(KeyboardInterrupt):
 
 def load_benchmark(entry: str, cfg: EvalConfig) -> tuple[str, list[dict]]:
     """(name, records with problem/answer) of one --benchmarks entry."""
-    from jsdr.data.datasets import BENCHMARKS, load_records, load_spec
     name, _, path = entry.partition(":")
     if name == "toy" and path in ("", "test", "validation"):  # the toy's test split (or toy:validation)
-        from jsdr.data import toy
         return entry, toy.toy_benchmark(cfg.limit or 256, split=path or "test")
     if name in BENCHMARKS:
         return name, load_spec(name, path=path or None, limit=cfg.limit)
@@ -120,7 +125,6 @@ def load_benchmark(entry: str, cfg: EvalConfig) -> tuple[str, list[dict]]:
 
 
 def _load_benchmarks(cfg: EvalConfig) -> list[tuple[str, list[dict]]]:
-    from jsdr.data.datasets import DataError
     out = []
     for entry in cfg.benchmarks:
         try:
@@ -131,7 +135,7 @@ def _load_benchmarks(cfg: EvalConfig) -> list[tuple[str, list[dict]]]:
             raise DataError(f"benchmark {entry!r}: {e}") from e
     names = [n for n, _ in out]
     dup = sorted({n for n in names if names.count(n) > 1})
-    C.check(not dup, "benchmarks", f"{', '.join(dup)} given twice (samples are keyed by benchmark name)")
+    config.check(not dup, "benchmarks", f"{', '.join(dup)} given twice (samples are keyed by benchmark name)")
     return out
 
 
@@ -146,7 +150,6 @@ def _sha256_json(data: Any) -> str:
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
     """sha256 over the adapter's adapter_config.json and adapter weights (names and contents)."""
-    from jsdr.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
     d = Path(adapter_dir)
     if not d.is_dir():
         raise AdapterError(f"{d}: no such adapter directory")
@@ -181,7 +184,6 @@ def _local_or_given(path_or_id: str) -> str:
 def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_dir: str | Path, tokenizer,
              prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], adapter_hash: str | None) -> dict:
     """The settings that produced the samples, as plain JSON data (compared field by field on resume)."""
-    from jsdr.data.prompts import PromptTemplates
     templates = PromptTemplates()
     chat_template = getattr(tokenizer, "chat_template", None)
     key = {
@@ -196,7 +198,7 @@ def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_d
         "prompt": {"template": templates.student, "system": templates.system, "thinking": cfg.thinking,
                    "chat_template_sha256": _sha256_json(chat_template),
                    "rendered_sha256": _sha256_json([list(map(int, x)) for x in prompts])},
-        "sampling": C.to_dict(cfg.sampling),
+        "sampling": config.to_dict(cfg.sampling),
         "stop_token_ids": [int(i) for i in stop_ids],
         "grader": cfg.grader,
         "dtype": cfg.dtype,
@@ -353,7 +355,6 @@ def read_done(path: Path, n: int, log=print) -> dict[tuple[str, int], int]:
 
 def summarize_file(path: Path, n: int) -> dict:
     """Scores from samples.jsonl (only problems with all n samples)."""
-    from jsdr.metrics import summarize
     per: dict[tuple[str, int], dict] = {}
     with open(path) as f:
         for line in f:
@@ -394,42 +395,17 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _model_dir(cfg: EvalConfig, progress: bool = True) -> Path:
-    if cfg.model == "toy":
-        from jsdr.data.toy import ensure_toy_assets
-        return Path(ensure_toy_assets(progress=progress))
-    from jsdr.model import hf
-    return Path(hf.resolve_model_dir(cfg.model))
-
-
-def _load_tokenizer(cfg: EvalConfig, model_dir: Path):
-    from jsdr.model import hf
-    return hf.load_tokenizer(cfg.tokenizer or str(model_dir))  # failures: one-line CheckpointErrors
-
-
-def load_model(cfg: EvalConfig, mesh, progress: bool = True, model_dir: str | Path | None = None, tokenizer=None):
+def load_model(cfg: EvalConfig, mesh, progress: bool = True, model_dir: str | Path | None = None, tokenizer=None,
+               rules: dict | None = None):
     """(params with the adapter merged, model config, tokenizer, model directory)."""
-    from jsdr.model import hf
-    from jsdr.model.lora import AdapterError, load_peft, merge
-    model_dir = Path(model_dir) if model_dir is not None else _model_dir(cfg, progress)
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg, model_dir)
-    dtype = jnp.dtype(cfg.dtype)
-    with S.use_mesh(mesh):
-        params, mcfg, _ = hf.load_params(str(model_dir), mesh=mesh, dtype=dtype, progress=progress)
-        if cfg.adapter:
-            try:
-                lora, lcfg = load_peft(cfg.adapter, mcfg, dtype=jnp.float32, mesh=mesh)
-            except JsdrError:
-                raise
-            except ValueError as e:  # the LoRA tree's own checks
-                raise AdapterError(f"{cfg.adapter}: {e}") from e
-            params = jax.jit(merge, static_argnums=2)(params, lora, lcfg.scale)
-    return params, mcfg, tokenizer, str(model_dir)
+    opened = run.open_model(cfg.model, mesh=mesh, rules=rules, dtype=cfg.dtype, tokenizer=cfg.tokenizer,
+                            directory=None if model_dir is None else str(model_dir), tokenizer_obj=tokenizer,
+                            progress=progress)
+    params = run.merge_adapter(opened, cfg.adapter) if cfg.adapter else opened.params
+    return params, opened.config, opened.tokenizer, opened.directory
 
 
 def _render_prompts(tok, items, thinking: bool) -> list[list[int]]:
-    from jsdr.data.prompts import PromptError, render_prompt, student_messages
-    from jsdr.model.hf import CheckpointError
     try:
         return [render_prompt(tok, student_messages(r["problem"]), thinking) for _, _, r in items]
     except PromptError as e:  # e.g. a tokenizer without a chat template
@@ -437,18 +413,11 @@ def _render_prompts(tok, items, thinking: bool) -> list[list[int]]:
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
-    from tqdm import tqdm
-
-    from jsdr.data.prompts import stop_token_ids
-    from jsdr.data.rewards import grade
-    from jsdr.sampling import Sampler
-
-    mesh = S.make_mesh(S.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor),
-                       jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.effective_rules(cfg.mesh)
     benches = _load_benchmarks(cfg)
     adapter_hash = adapter_sha256(cfg.adapter) if cfg.adapter else None
-    model_dir = _model_dir(cfg, progress)
-    tok = _load_tokenizer(cfg, model_dir)
+    model_dir = run.model_dir_of(cfg.model, progress)
+    tok = hf.load_tokenizer(cfg.tokenizer or model_dir)  # failures: one-line CheckpointErrors
     items = [(name, i, r) for name, recs in benches for i, r in enumerate(recs)]
     prompts = _render_prompts(tok, items, cfg.thinking)
     stops = stop_token_ids(tok, cfg.sampling.stop_token_ids)
@@ -459,10 +428,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     n = cfg.sampling.n
     done = read_done(samples_path, n, log)
 
-    params, mcfg, tok, _ = load_model(cfg, mesh, progress, model_dir=model_dir, tokenizer=tok)
+    params, mcfg, tok, _ = load_model(cfg, mesh, progress, model_dir=model_dir, tokenizer=tok, rules=rules)
     sc = dataclasses.replace(cfg.sampling, stop_token_ids=stops)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    sampler = Sampler(mcfg, mesh=mesh, pad_id=int(pad))
+    sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=run.pad_id(tok), rules=rules)
 
     # batches are fixed slices of the problem list, so a resumed run draws what an unbroken one would
     bp = cfg.batch_prompts
@@ -481,7 +449,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
                 # the key depends only on the seed and the batch's first problem
                 tag = zlib.crc32(f"{name0}:{i0}".encode()) & 0x7FFFFFFF
                 rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), tag)
-                with S.use_mesh(mesh):
+                with sharding.use_mesh(mesh, rules):
                     out = sampler.generate(params, None, [prompts[j] for j in batch], sc, rng=rng)
                 reasons = out.finish_reason_str
                 lines = []
@@ -513,7 +481,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     results = summarize_file(samples_path, n)
     results["key"] = key_hash(key)
     results["output_dir"] = str(out_dir)
-    results["config"] = C.to_dict(cfg)
+    results["config"] = config.to_dict(cfg)
     _write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
     log(format_table(results))
     log(f"samples: {samples_path}\nscores: {out_dir / RESULTS_FILE}\nsettings: {out_dir / KEY_FILE}")
@@ -526,25 +494,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
 
 def parse_args(argv: Sequence[str]) -> EvalConfig:
     """EvalConfig from `[--config FILE | --config=FILE] [--key=value ...]` (the file: YAML of EvalConfig keys)."""
-    cfg_path, rest, i = None, [], 0
-    argv = list(argv)
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" or a.startswith("--config="):
-            if cfg_path is not None:
-                raise ConfigError("--config is given twice; merge the files into one")
-            if a == "--config":
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
-                cfg_path, i = argv[i + 1], i + 2
-            else:
-                cfg_path, i = a.split("=", 1)[1], i + 1
-                if not cfg_path:
-                    raise ConfigError("--config needs a file: --config FILE or --config=FILE")
-            continue
-        rest.append(a)
-        i += 1
-    return C.load(EvalConfig, cfg_path, rest)
+    path, rest = config.split_config_arg(argv)
+    return config.load(EvalConfig, path, rest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -552,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         print("Options (table 5 defaults):")
-        print(C.help_text(EvalConfig))
+        print(config.help_text(EvalConfig))
         return 0
     try:
         evaluate(parse_args(argv))

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jsdr.data.rewards import normalize_answer
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k = 1 - C(n-c, k)/C(n, k): the chance that k of the n samples, drawn without
@@ -49,8 +51,6 @@ def avg_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
 
 def majority_answer(answers: Sequence[str | None]) -> tuple[str | None, int | None]:
     """(normalised majority answer, index of its first sample); (None, None) if nobody answered."""
-    from jsdr.data.rewards import normalize_answer
-
     counts: dict[str, int] = {}
     first: dict[str, int] = {}
     for i, a in enumerate(answers):

@@ -1,7 +1,7 @@
 """Jitted sampling engine: bucketed prefill, n samples per prompt from one prefill, a decode loop
 inside `jax.lax.while_loop`, exact probability filters without a full vocabulary sort.
 
-    sampler = Sampler(cfg, pad_id=tok.pad_token_id)
+    sampler = Sampler(Model(cfg, lora_scale=lora_cfg.scale), pad_id=tok.pad_token_id)
     out = sampler.generate(params, lora, prompts, SamplingConfig(temperature=1.0, top_p=0.95, n=16,
                                                                   max_new_tokens=2048,
                                                                   stop_token_ids=(eos_id,)))
@@ -38,17 +38,19 @@ probabilities.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Sequence
+import warnings
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jsdr import sharding
-from jsdr.model import transformer as T
-from jsdr.model.transformer import ModelConfig
+from jsdr.config import check, field
+from jsdr.model.transformer import CACHE_AXES, CACHE_SEQ_AXIS, Model, init_cache, positions_from_segments
 
 FINISH_REASONS = ("stop", "length")
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -60,56 +62,54 @@ _STOP_SLOTS = 8  # stop-id arrays are padded to a multiple of this, so their cou
 # configuration and output
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to draw completions. temperature 0 = greedy; top_k -1 = off; top_p 1 = off; min_p 0 = off."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    n: int = 1
-    max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
+    temperature: float = field(1.0, "rollout temperature (0 = greedy)")
+    top_p: float = field(1.0, "nucleus filter on probabilities (1 = off)")
+    top_k: int = field(-1, "keep the k most likely tokens (-1 = off)")
+    min_p: float = field(0.0, "drop tokens below min_p x the top probability (0 = off)")
+    presence_penalty: float = field(0.0, "subtracted from the logits of tokens already generated (0 = off)")
+    n: int = field(1, "samples per prompt (GRPO: the group size)")
+    max_new_tokens: int = field(256, "rollouts are cut at this length")
+    stop_token_ids: tuple[int, ...] = field((), "extra stop ids (EOS and chat end markers are always added)")
+    seed: int = field(0, "sampling seed")
 
     def __post_init__(self):
-        def bad(field, value, allowed):
-            raise ValueError(f"SamplingConfig.{field}={value!r} is invalid: {allowed}")
-
-        def is_int(x):
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        def is_num(x):
-            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-        if not is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            bad("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
-        if not is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            bad("top_p", self.top_p, "must be in (0, 1] (1 = off)")
-        if not is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
-            bad("top_k", self.top_k, "must be -1 (off) or an integer >= 1")
-        if not is_num(self.min_p) or not (0.0 <= self.min_p <= 1.0):
-            bad("min_p", self.min_p, "must be in [0, 1] (0 = off)")
-        if not is_num(self.presence_penalty) or not (-2.0 <= self.presence_penalty <= 2.0):
-            bad("presence_penalty", self.presence_penalty, "must be in [-2, 2] (0 = off)")
-        if not is_int(self.n) or self.n < 1:
-            bad("n", self.n, "must be an integer >= 1 (samples per prompt)")
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
+        t, p, k, m, pen = self.temperature, self.top_p, self.top_k, self.min_p, self.presence_penalty
+        check(_is_number(t) and math.isfinite(t) and t >= 0, "temperature",
+              f"{t!r} is invalid: must be a finite number >= 0 (0 = greedy)")
+        check(_is_number(p) and 0.0 < p <= 1.0, "top_p", f"{p!r} is invalid: must be in (0, 1] (1 = off)")
+        check(_is_int(k) and (k == -1 or k >= 1), "top_k", f"{k!r} is invalid: must be -1 (off) or an integer >= 1")
+        check(_is_number(m) and 0.0 <= m <= 1.0, "min_p", f"{m!r} is invalid: must be in [0, 1] (0 = off)")
+        check(_is_number(pen) and -2.0 <= pen <= 2.0, "presence_penalty",
+              f"{pen!r} is invalid: must be in [-2, 2] (0 = off)")
+        check(_is_int(self.n) and self.n >= 1, "n",
+              f"{self.n!r} is invalid: must be an integer >= 1 (samples per prompt)")
+        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
+              f"{self.max_new_tokens!r} is invalid: must be an integer >= 1")
         stops = self.stop_token_ids
         if isinstance(stops, (int, np.integer)):
             stops = (int(stops),)
         try:
             stops = tuple(int(s) for s in stops)
-        except TypeError:
-            bad("stop_token_ids", self.stop_token_ids, "must be a sequence of token ids")
-        if any(s < 0 for s in stops):
-            bad("stop_token_ids", self.stop_token_ids, "token ids must be >= 0")
+        except (TypeError, ValueError):
+            stops = None
+        check(stops is not None, "stop_token_ids",
+              f"{self.stop_token_ids!r} is invalid: must be a sequence of token ids")
+        check(all(s >= 0 for s in stops), "stop_token_ids",
+              f"{self.stop_token_ids!r} is invalid: token ids must be >= 0")
         object.__setattr__(self, "stop_token_ids", stops)
-        if not is_int(self.seed):
-            bad("seed", self.seed, "must be an integer")
+        check(_is_int(self.seed), "seed", f"{self.seed!r} is invalid: must be an integer")
 
     @property
     def greedy(self) -> bool:
@@ -400,33 +400,6 @@ def sample_logits(logits: jax.Array, u: jax.Array, *, temperature, top_k=-1, top
     return tok, logprob, raw
 
 
-def filtered_probs_reference(logits: np.ndarray, sc: SamplingConfig, seen: np.ndarray | None = None) -> np.ndarray:
-    """Float64 numpy statement of the filter rules (for documentation and cross-checks; tests keep
-    their own independent version)."""
-    lg = np.asarray(logits, np.float64)
-    if seen is not None:
-        lg = lg - sc.presence_penalty * np.asarray(seen, np.float64)
-    if sc.greedy:
-        out = np.zeros_like(lg)
-        out[np.arange(lg.shape[0]), lg.argmax(-1)] = 1.0
-        return out
-    s = lg / sc.temperature
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    keep = np.ones_like(p, bool)
-    if sc.top_k != -1:
-        kth = -np.sort(-p, axis=-1)[:, min(sc.top_k, p.shape[1]) - 1]
-        keep &= p >= kth[:, None]
-    if sc.top_p < 1:
-        pk = np.where(keep, p, 0)
-        pk /= pk.sum(-1, keepdims=True)
-        above = (pk[:, None, :] * (pk[:, None, :] > pk[:, :, None])).sum(-1)
-        keep &= above < sc.top_p
-    keep &= p >= sc.min_p * p.max(-1, keepdims=True)
-    q = np.where(keep, p, 0)
-    return q / q.sum(-1, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # the engine
 
@@ -443,31 +416,90 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+class Knobs(NamedTuple):
+    """The traced sampling settings of one call (scalars); changing them never recompiles."""
+
+    temperature: jax.Array  # float32; 1 for greedy calls (unused there)
+    top_p: jax.Array  # float32
+    min_p: jax.Array  # float32
+    presence_penalty: jax.Array  # float32
+    top_k: jax.Array  # int32; -1 = off
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries per sample row (B = prompt rows x n)."""
+
+    tokens: jax.Array  # [B, max_new] int32, pad_id after the end
+    logprobs: jax.Array  # [B, max_new] float32, under the filtered sampling distribution
+    logprobs_raw: jax.Array  # [B, max_new] float32, under the model at temperature 1
+    lengths: jax.Array  # [B] int32, tokens generated so far (a stop token counted)
+    done: jax.Array  # [B] bool: stopped, or a padding row
+    stopped: jax.Array  # [B] bool: ended by a stop token
+    seen: jax.Array | None  # [B, V] bool, tokens generated so far (None without a presence penalty)
+
+
+class _DecodeCarry(NamedTuple):
+    step: jax.Array  # int32, the index of the next token to record
+    last_token: jax.Array  # [B] int32, the token fed to the next forward
+    cache: dict  # the model's KV cache
+    state: DecodeState
+
+
+class DecodeResult(NamedTuple):
+    tokens: jax.Array
+    logprobs: jax.Array
+    logprobs_raw: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+class _HostBatch(NamedTuple):
+    """Left-padded, bucketed host arrays of one `generate` call."""
+
+    num_prompts: int  # N, the caller's prompts
+    prompt_rows: int  # Bp >= N, after padding to the batch bucket
+    tokens: np.ndarray  # [Bp, P] int32, left-padded with pad_id
+    segment_ids: np.ndarray  # [Bp, P] int32, 1 on prompt tokens, 0 on padding
+    prompt_lens: np.ndarray  # [Bp] int32
+    active: np.ndarray  # [Bp] bool, False on padding rows
+    row_ids: np.ndarray  # [Bp * n] int32, the sample row of every decode row (folded into the key)
+    stop_ids: np.ndarray  # [slots] int32, -1 on unused slots
+    knobs: Knobs
+    key: jax.Array
+
+
 class Sampler:
-    """Holds the jitted prefill and decode programs for one model config; reuse it across calls.
+    """Holds the jitted prefill and decode programs for one model; reuse it across calls.
 
     Compiled programs are keyed by (prompt bucket, batch bucket, n, max_new_tokens, greedy,
     filtered, penalty on/off, number of stop slots); everything else (temperature, top-k/p, min-p,
     penalty value, stop ids, seed) is a traced value and never recompiles.
+
+    `model` gives the config, lora_scale, attn_impl and compute dtype of the forward. The sampler
+    never differentiates and never drops: the model's remat and lora_dropout are ignored. (Sampling
+    with a training model whose attn_impl is a training kernel runs that kernel on the decode
+    steps too; pass `dataclasses.replace(model, attn_impl="xla")` to decode with XLA attention.)
     """
 
-    def __init__(self, model_cfg: ModelConfig, *, lora_scale: float = 1.0, mesh=None, pad_id: int = 0,
+    def __init__(self, model: Model, *, mesh=None, pad_id: int = 0,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, cache_dtype=None,
-                 attn_impl: str = "xla", filter_bound: int = FILTER_BOUND, rules: dict | None = None):
+                 filter_bound: int = FILTER_BOUND, rules: dict | None = None):
+        if not isinstance(model, Model):
+            raise TypeError(f"Sampler takes a jsdr.model.transformer.Model (e.g. Model(cfg, lora_scale=...)), "
+                            f"got {type(model).__name__}")
         if not prompt_buckets or any(int(b) < 1 for b in prompt_buckets):
             raise ValueError(f"prompt_buckets={prompt_buckets!r}: need at least one positive length")
-        if not (0 <= pad_id < model_cfg.vocab_size):
-            raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {model_cfg.vocab_size})")
+        if not (0 <= pad_id < model.cfg.vocab_size):
+            raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {model.cfg.vocab_size})")
         if filter_bound < 1:
             raise ValueError(f"filter_bound={filter_bound} must be >= 1")
-        self.cfg = model_cfg
-        self.lora_scale = float(lora_scale)
+        self.model = dataclasses.replace(model, remat="none", lora_dropout=0.0)
+        self.cfg = model.cfg
         self.mesh = mesh
         self.rules = rules
         self.pad_id = int(pad_id)
         self.prompt_buckets = tuple(sorted(int(b) for b in prompt_buckets))
         self.cache_dtype = cache_dtype
-        self.attn_impl = attn_impl
         self.filter_bound = int(filter_bound)
         self.num_compiles = 0  # traces of the prefill/decode programs (each trace = one compile)
         self.prefill_rows = 0  # prompt rows that went through prefill (padding rows included)
@@ -479,99 +511,99 @@ class Sampler:
 
     def _ctx(self):
         if self.mesh is None:
-            import contextlib
             return contextlib.nullcontext()
         return sharding.use_mesh(self.mesh, self.rules)
 
     def _cache_dtype(self, params):
-        return self.cache_dtype or params["embed_tokens"]["embedding"].dtype
+        if self.cache_dtype is not None:
+            return self.cache_dtype
+        if self.model.dtype is not None:
+            return jnp.dtype(self.model.dtype)
+        return params["embed_tokens"]["embedding"].dtype
 
-    def _prefill_impl(self, params, lora, tokens, seg):
+    def _prefill_impl(self, params, lora, tokens, segment_ids):
         self.num_compiles += 1
-        cfg = self.cfg
-        Bp, P = tokens.shape
-        pos = T.positions_from_segments(seg)
-        cache = T.init_cache(cfg, Bp, P, self._cache_dtype(params))
-        h, cache = T.forward_hidden(params, tokens, pos, seg, cfg, lora, self.lora_scale, cache=cache,
-                                    attn_impl=self.attn_impl)
-        logits = T.lm_head(params, h[:, -1], cfg)
+        prompt_rows, prompt_len = tokens.shape
+        cache = init_cache(self.cfg, prompt_rows, prompt_len, self._cache_dtype(params))
+        h, cache = self.model.hidden(params, lora, tokens=tokens, positions=positions_from_segments(segment_ids),
+                                     segment_ids=segment_ids, cache=cache)
+        logits = self.model.logits(params, h[:, -1])
         return logits, cache["k"], cache["v"]
 
-    def _decode_impl(self, params, lora, logits0, pk, pv, seg, prompt_lens, active, row_ids, key, knobs,
-                     stop_ids, *, n, max_new, greedy, filtered, penalty):
+    def _decode_impl(self, params, lora, logits0, prompt_k, prompt_v, segment_ids, prompt_lens, active, row_ids, key,
+                     knobs: Knobs, stop_ids, *, n, max_new, greedy, filtered, penalty) -> DecodeResult:
         self.num_compiles += 1
-        cfg = self.cfg
-        Bp, P = seg.shape
-        B = Bp * n
-        V = cfg.vocab_size
-        con = sharding.constrain
+        prompt_rows, prompt_len = segment_ids.shape
+        B = prompt_rows * n
+        V = self.cfg.vocab_size
+        constrain = sharding.constrain
 
-        def rep(x, axis=0):
+        def repeat_rows(x, axis=0):  # the n samples of a prompt are adjacent rows
             return jnp.repeat(x, n, axis=axis) if n > 1 else x
 
         def widen(x, name):  # n copies of every prompt row, then max_new empty slots
             pad = [(0, 0)] * x.ndim
-            pad[T.CACHE_SEQ_AXIS[name]] = (0, max_new)
-            return con(jnp.pad(rep(x, 1), pad), T.CACHE_AXES[name])
+            pad[CACHE_SEQ_AXIS[name]] = (0, max_new)
+            return constrain(jnp.pad(repeat_rows(x, axis=1), pad), CACHE_AXES[name])
 
-        cache = {"k": widen(pk, "k"), "v": widen(pv, "v"),
-                 "segment_ids": con(jnp.pad(rep(seg), ((0, 0), (0, max_new))), ("act_batch", "cache_seq")),
-                 "index": jnp.asarray(P, jnp.int32)}
-        logits = con(rep(logits0), ("act_batch", None))
-        lens = rep(prompt_lens)
-        done = ~rep(active)
+        cache = {"k": widen(prompt_k, "k"), "v": widen(prompt_v, "v"),
+                 "segment_ids": constrain(jnp.pad(repeat_rows(segment_ids), ((0, 0), (0, max_new))),
+                                          ("act_batch", "cache_seq")),
+                 "index": jnp.asarray(prompt_len, jnp.int32)}
+        logits = constrain(repeat_rows(logits0), ("act_batch", None))
+        lens = repeat_rows(prompt_lens)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
-        temperature, top_p, min_p, pen = knobs[0], knobs[1], knobs[2], knobs[3]
-        top_k = knobs[4].astype(jnp.int32)
 
         def draw(logits, seen, step):
             u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(row_keys)
-            return sample_logits(logits, u, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 presence_penalty=pen, seen=seen, greedy=greedy, filtered=filtered,
-                                 bound=self.filter_bound)
+            return sample_logits(logits, u, temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p,
+                                 min_p=knobs.min_p, presence_penalty=knobs.presence_penalty, seen=seen,
+                                 greedy=greedy, filtered=filtered, bound=self.filter_bound)
 
         def is_stop(tok):
             return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
-        def record(state, tok, lp, raw, step):
-            out_t, out_lp, out_raw, lengths, done, stopped, seen = state
-            tok = jnp.where(done, self.pad_id, tok)
-            lp = jnp.where(done, 0.0, lp)
-            raw = jnp.where(done, 0.0, raw)
-            out_t = jax.lax.dynamic_update_slice_in_dim(out_t, tok[:, None], step, axis=1)
-            out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, lp[:, None], step, axis=1)
-            out_raw = jax.lax.dynamic_update_slice_in_dim(out_raw, raw[:, None], step, axis=1)
-            lengths = jnp.where(done, lengths, step + 1)
-            hit = ~done & is_stop(tok)
-            stopped = stopped | hit
-            if seen is not None:
-                seen = seen.at[jnp.arange(B), tok].set(True)
-            return (out_t, out_lp, out_raw, lengths, done | hit, stopped, seen), tok
+        def record(st: DecodeState, tok, lp, raw, step) -> tuple[DecodeState, jax.Array]:
+            tok = jnp.where(st.done, self.pad_id, tok)
+            lp = jnp.where(st.done, 0.0, lp)
+            raw = jnp.where(st.done, 0.0, raw)
+            hit = ~st.done & is_stop(tok)
+            st = DecodeState(
+                tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, tok[:, None], step, axis=1),
+                logprobs=jax.lax.dynamic_update_slice_in_dim(st.logprobs, lp[:, None], step, axis=1),
+                logprobs_raw=jax.lax.dynamic_update_slice_in_dim(st.logprobs_raw, raw[:, None], step, axis=1),
+                lengths=jnp.where(st.done, st.lengths, step + 1),
+                done=st.done | hit,
+                stopped=st.stopped | hit,
+                seen=None if st.seen is None else st.seen.at[jnp.arange(B), tok].set(True))
+            return st, tok
 
-        seen0 = jnp.zeros((B, V), bool) if penalty else None
-        state = (jnp.full((B, max_new), self.pad_id, jnp.int32), jnp.zeros((B, max_new), jnp.float32),
-                 jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), jnp.int32), done, jnp.zeros((B,), bool),
-                 seen0)
-        tok, lp, raw = draw(logits, seen0, 0)
+        state = DecodeState(tokens=jnp.full((B, max_new), self.pad_id, jnp.int32),
+                            logprobs=jnp.zeros((B, max_new), jnp.float32),
+                            logprobs_raw=jnp.zeros((B, max_new), jnp.float32),
+                            lengths=jnp.zeros((B,), jnp.int32),
+                            done=~repeat_rows(active),
+                            stopped=jnp.zeros((B,), bool),
+                            seen=jnp.zeros((B, V), bool) if penalty else None)
+        tok, lp, raw = draw(logits, state.seen, 0)
         state, tok = record(state, tok, lp, raw, 0)
 
-        def cond(c):
-            step, _, _, st = c
-            return (step < max_new) & ~jnp.all(st[4])
+        def cond(c: _DecodeCarry):
+            return (c.step < max_new) & ~jnp.all(c.state.done)
 
-        def body(c):
-            step, tok, cache, st = c
-            pos = (lens + step - 1)[:, None]
-            h, cache = T.forward_hidden(params, tok[:, None], pos, jnp.ones_like(pos), cfg, lora, self.lora_scale,
-                                        cache=cache, attn_impl=self.attn_impl)
-            logits = con(T.lm_head(params, h[:, 0], cfg), ("act_batch", None))
-            ntok, lp, raw = draw(logits, st[6], step)
-            st, ntok = record(st, ntok, lp, raw, step)
-            return step + 1, ntok, cache, st
+        def body(c: _DecodeCarry) -> _DecodeCarry:
+            pos = (lens + c.step - 1)[:, None]
+            h, cache = self.model.hidden(params, lora, tokens=c.last_token[:, None], positions=pos,
+                                         segment_ids=jnp.ones_like(pos), cache=c.cache)
+            logits = constrain(self.model.logits(params, h[:, 0]), ("act_batch", None))
+            tok, lp, raw = draw(logits, c.state.seen, c.step)
+            state, tok = record(c.state, tok, lp, raw, c.step)
+            return _DecodeCarry(step=c.step + 1, last_token=tok, cache=cache, state=state)
 
-        _, _, _, state = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), tok, cache, state))
-        out_t, out_lp, out_raw, lengths, _, stopped, _ = state
-        return out_t, out_lp, out_raw, lengths, stopped
+        final = jax.lax.while_loop(cond, body, _DecodeCarry(step=jnp.asarray(1, jnp.int32), last_token=tok,
+                                                            cache=cache, state=state)).state
+        return DecodeResult(tokens=final.tokens, logprobs=final.logprobs, logprobs_raw=final.logprobs_raw,
+                            lengths=final.lengths, stopped=final.stopped)
 
     # ----- host side
 
@@ -606,38 +638,40 @@ class Sampler:
             return jnp.asarray(x)
         return jax.device_put(x, sharding.batch_sharding(x.ndim, self.mesh, self.rules, shape=x.shape))
 
-    def _host_inputs(self, prompts, sc: SamplingConfig, rng) -> dict:
-        """Left-padded, bucketed host arrays of one call (see `generate`)."""
+    def _host_inputs(self, prompts, sc: SamplingConfig, rng) -> _HostBatch:
         if not isinstance(sc, SamplingConfig):
             raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
         rows = self._check_prompts(prompts)
-        N = len(rows)
+        num_prompts = len(rows)
         P = _bucket(max(len(r) for r in rows), self.prompt_buckets)
         if P + sc.max_new_tokens > self.cfg.max_position_embeddings:
-            import warnings
             warnings.warn(f"prompt bucket {P} + max_new_tokens {sc.max_new_tokens} exceeds the model's "
                           f"max_position_embeddings={self.cfg.max_position_embeddings}", stacklevel=3)
-        Bp = self.batch_bucket(N)
-        tokens = np.full((Bp, P), self.pad_id, np.int32)
-        seg = np.zeros((Bp, P), np.int32)
-        lens = np.zeros((Bp,), np.int32)
+        prompt_rows = self.batch_bucket(num_prompts)
+        tokens = np.full((prompt_rows, P), self.pad_id, np.int32)
+        segment_ids = np.zeros((prompt_rows, P), np.int32)
+        prompt_lens = np.zeros((prompt_rows,), np.int32)
         for i, r in enumerate(rows):
             tokens[i, P - len(r):] = r
-            seg[i, P - len(r):] = 1
-            lens[i] = len(r)
+            segment_ids[i, P - len(r):] = 1
+            prompt_lens[i] = len(r)
         stops = list(sc.stop_token_ids)
         slots = max(_STOP_SLOTS, -(-len(stops) // _STOP_SLOTS) * _STOP_SLOTS)
-        stop_arr = np.full((slots,), -1, np.int32)
-        stop_arr[:len(stops)] = stops
-        knobs = np.array([sc.temperature if sc.temperature > 0 else 1.0, sc.top_p, sc.min_p, sc.presence_penalty,
-                          sc.top_k], np.float32)
-        return dict(N=N, Bp=Bp, tokens=tokens, seg=seg, lens=lens, active=np.arange(Bp) < N,
-                    row_ids=np.arange(Bp * sc.n, dtype=np.int32), stop_arr=stop_arr, knobs=knobs,
-                    key=jax.random.PRNGKey(sc.seed) if rng is None else rng)
+        stop_ids = np.full((slots,), -1, np.int32)
+        stop_ids[:len(stops)] = stops
+        knobs = Knobs(temperature=jnp.asarray(sc.temperature if sc.temperature > 0 else 1.0, jnp.float32),
+                      top_p=jnp.asarray(sc.top_p, jnp.float32), min_p=jnp.asarray(sc.min_p, jnp.float32),
+                      presence_penalty=jnp.asarray(sc.presence_penalty, jnp.float32),
+                      top_k=jnp.asarray(sc.top_k, jnp.int32))
+        return _HostBatch(num_prompts=num_prompts, prompt_rows=prompt_rows, tokens=tokens, segment_ids=segment_ids,
+                          prompt_lens=prompt_lens, active=np.arange(prompt_rows) < num_prompts,
+                          row_ids=np.arange(prompt_rows * sc.n, dtype=np.int32), stop_ids=stop_ids, knobs=knobs,
+                          key=jax.random.PRNGKey(sc.seed) if rng is None else rng)
 
-    def _decode_args(self, x: dict, logits0, pk, pv) -> tuple:
-        return (logits0, pk, pv, self._put(x["seg"]), self._put(x["lens"]), self._put(x["active"]),
-                self._put(x["row_ids"]), x["key"], jnp.asarray(x["knobs"]), jnp.asarray(x["stop_arr"]))
+    def _decode_args(self, x: _HostBatch, logits0, prompt_k, prompt_v) -> dict:
+        return dict(logits0=logits0, prompt_k=prompt_k, prompt_v=prompt_v, segment_ids=self._put(x.segment_ids),
+                    prompt_lens=self._put(x.prompt_lens), active=self._put(x.active), row_ids=self._put(x.row_ids),
+                    key=x.key, knobs=x.knobs, stop_ids=jnp.asarray(x.stop_ids))
 
     @staticmethod
     def _decode_static(sc: SamplingConfig) -> dict:
@@ -648,16 +682,18 @@ class Sampler:
                  rng: jax.Array | None = None) -> SampleOutput:
         """Sample `sc.n` completions for every prompt; see the module docstring for the semantics."""
         x = self._host_inputs(prompts, sc, rng)
-        N, n = x["N"], sc.n
+        rows = x.num_prompts * sc.n
         with self._ctx():
-            logits0, pk, pv = self._prefill(params, lora, self._put(x["tokens"]), self._put(x["seg"]))
-            self.prefill_rows += x["Bp"]
-            self.decode_rows += x["Bp"] * n
-            out = self._decode(params, lora, *self._decode_args(x, logits0, pk, pv), **self._decode_static(sc))
-        out_t, out_lp, out_raw, lengths, stopped = (np.asarray(a)[:N * n] for a in out)
-        return SampleOutput(tokens=out_t, logprobs=out_lp, logprobs_raw=out_raw, lengths=lengths.astype(np.int32),
-                            finish_reason=np.where(stopped, 0, 1).astype(np.int8),
-                            prompt_index=(np.arange(N * n) // n).astype(np.int32))
+            logits0, prompt_k, prompt_v = self._prefill(params, lora, self._put(x.tokens), self._put(x.segment_ids))
+            self.prefill_rows += x.prompt_rows
+            self.decode_rows += x.prompt_rows * sc.n
+            out = self._decode(params, lora, **self._decode_args(x, logits0, prompt_k, prompt_v),
+                               **self._decode_static(sc))
+        out = DecodeResult(*(np.asarray(a)[:rows] for a in out))
+        return SampleOutput(tokens=out.tokens, logprobs=out.logprobs, logprobs_raw=out.logprobs_raw,
+                            lengths=out.lengths.astype(np.int32),
+                            finish_reason=np.where(out.stopped, 0, 1).astype(np.int8),
+                            prompt_index=(np.arange(rows) // sc.n).astype(np.int32))
 
     def memory_analysis(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
         """XLA's memory analysis of the prefill and decode programs of a `generate` call with
@@ -672,10 +708,10 @@ class Sampler:
         x = self._host_inputs([[self.pad_id] * prompt_len] * num_prompts, sc, None)
         compiles = self.num_compiles
         with self._ctx():
-            tokens, seg = self._put(x["tokens"]), self._put(x["seg"])
-            prefill = self._prefill.lower(params, lora, tokens, seg).compile()
-            logits0, pk, pv = jax.eval_shape(self._prefill, params, lora, tokens, seg)
-            decode = self._decode.lower(params, lora, *self._decode_args(x, logits0, pk, pv),
+            tokens, segment_ids = self._put(x.tokens), self._put(x.segment_ids)
+            prefill = self._prefill.lower(params, lora, tokens, segment_ids).compile()
+            logits0, prompt_k, prompt_v = jax.eval_shape(self._prefill, params, lora, tokens, segment_ids)
+            decode = self._decode.lower(params, lora, **self._decode_args(x, logits0, prompt_k, prompt_v),
                                         **self._decode_static(sc)).compile()
         self.num_compiles = compiles  # analysis compiles are not generate's programs
         out = {}
@@ -684,21 +720,3 @@ class Sampler:
             out[name] = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
                          "temp": int(ma.temp_size_in_bytes)}
         return out
-
-
-_SAMPLERS: dict[Any, Sampler] = {}
-
-
-def generate(params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig, *, cfg: ModelConfig,
-             rng: jax.Array | None = None, **kw) -> SampleOutput:
-    """One-call convenience: a cached `Sampler(cfg, **kw)` per (cfg, kw), then `generate`."""
-    try:
-        k = (cfg, tuple(sorted(kw.items())))
-        hash(k)
-    except TypeError:
-        return Sampler(cfg, **kw).generate(params, lora, prompts, sc, rng)
-    if k not in _SAMPLERS:
-        if len(_SAMPLERS) >= 8:
-            _SAMPLERS.pop(next(iter(_SAMPLERS)))
-        _SAMPLERS[k] = Sampler(cfg, **kw)
-    return _SAMPLERS[k].generate(params, lora, prompts, sc, rng)

@@ -1,12 +1,14 @@
-"""`python -m jsdr.train --method=sft|grpo|opsd [--config FILE.yaml] [--key=value ...]`
+"""`python -m jsdr.train --method=NAME [--config FILE.yaml] [--key=value ...]`
 
-One loop for the three methods. Each optimizer step:
+One loop for every method (jsdr/methods registers them). Each optimizer step:
 
-    records (problem, solution, answer)  --method-->  a batch [grad_accum, micro_batch, ...]
-        sft : prompt + solution, packed; masked next-token cross-entropy
-        grpo: n rollouts per prompt from the live policy, rewards, group advantages
-        opsd: 1 rollout per student prompt, student and teacher sequences aligned per rollout token
-    train_step(state, batch, rng) -> (state, metrics)        pure, jitted once per shape bucket
+    records (problem, solution, answer)  --method.make_batch-->  a batch [grad_accum, micro_batch, ...]
+        (rollouts from the current adapter, grading, alignment or packing: the method's business)
+    train_step(state, params, batch, rng) -> (state, metrics)   pure, jitted once per shape bucket;
+        the gradient of method.loss, averaged over the micro-batches, then AdamW
+
+This module holds the configuration of a run, the optimizer, the train state and the method-free
+loop: logging, held-out evaluation schedule, checkpoints and resume, signals, adapter export.
 
 The state holds only what is trained (the LoRA tree, AdamW state, the EMA teacher if any, step);
 the frozen base weights are an argument of the step, never part of the state or the checkpoint.
@@ -17,27 +19,102 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
-import os
 import signal
 import sys
+import threading
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
-from jsdr import config as C
-from jsdr import sharding as S
-from jsdr.checkpoint import Checkpointer
-from jsdr.config import ConfigError, TrainConfig
+from jsdr import config, methods, run, sharding, toy
+from jsdr.checkpoint import Checkpointer, RunDirectory
+from jsdr.config import ConfigError, check, field
+from jsdr.data.datasets import DataConfig, load_records
+from jsdr.data.prompts import PromptTemplates, render_student, stop_token_ids
+from jsdr.data.rewards import grade
 from jsdr.errors import JsdrError, RunError, error_line
+from jsdr.methods import MethodOptions
+from jsdr.model.lora import LoraConfig, init_lora, save_peft
+from jsdr.model.transformer import Model
+from jsdr.sampling import Sampler, SamplingConfig
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# the toy's configs ship inside the package (configs/toy in the repository links to them), so the
+# default command works from an installed wheel too
+TOY_CONFIGS = Path(toy.__file__).resolve().parent / "configs"
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = field(2e-5, "peak learning rate of AdamW")
+    schedule: Literal["constant", "cosine", "linear"] = field("constant", "decay after warmup")
+    warmup_steps: int = field(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = field(0.0, "warmup as a fraction of train.steps")
+    weight_decay: float = field(0.0, "decoupled weight decay")
+    b1: float = field(0.9, "Adam beta1")
+    b2: float = field(0.999, "Adam beta2")
+    eps: float = field(1e-8, "Adam epsilon")
+    max_grad_norm: float = field(1.0, "global gradient-norm clip (0 = off)")
+
+    def __post_init__(self):
+        check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int = field(100, "optimizer steps")
+    per_device_batch: int = field(1, "sequences per data-parallel device per micro-batch (GRPO: completions)")
+    grad_accum: int = field(4, "micro-batches accumulated per optimizer step")
+    effective_batch: int | None = field(None, "if set, must equal per_device_batch x data-parallel devices x grad_accum")
+    log_every: int = field(1, "log metrics every N steps")
+    save_every: int = field(50, "checkpoint every N steps (and always at the end)")
+    eval_every: int = field(0, "score the held-out set every N steps (0 = only before and after)")
+    keep_checkpoints: int = field(3, "checkpoints kept on disk")
+    output_dir: str = field("runs/{method}", "run directory ({method} is replaced)")
+    resume: bool = field(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = field(False, "replace what an earlier run left in output_dir (metrics, checkpoints, "
+                                   "adapter); without it a non-empty run directory is refused")
+    resume_override: bool = field(False, "resume even though settings that change the run (lr, schedule, "
+                                         "steps, clip, method options, data) differ from the saved ones")
+    max_nonfinite_steps: int = field(5, "stop after this many consecutive steps whose loss or gradient is "
+                                        "not finite (each such step is skipped: weights unchanged)")
+    seq_bucket: int = field(64, "sequence lengths are padded to a multiple of this (one compile per bucket)")
+
+    def __post_init__(self):
+        for k in ("steps", "per_device_batch", "grad_accum", "log_every", "save_every", "keep_checkpoints",
+                  "seq_bucket", "max_nonfinite_steps"):
+            check(getattr(self, k) > 0, k, "must be > 0")
+        check(self.eval_every >= 0, "eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(MethodOptions):
+    """The settings of `python -m jsdr.train`: the method and its section (from MethodOptions), then
+    the sections every method shares."""
+
+    seed: int = field(0, "seed of LoRA init, data order and sampling")
+    reward: Literal["math_verify", "string"] = field("math_verify", "grader of \\boxed{} answers (GRPO reward, "
+                                                                    "held-out accuracy)")
+    model: run.ModelOptions = field(run.ModelOptions(), "")
+    lora: LoraConfig = field(LoraConfig(), "")
+    data: DataConfig = field(DataConfig(), "")
+    prompts: PromptTemplates = field(PromptTemplates(), "")
+    optim: OptimConfig = field(OptimConfig(), "")
+    train: LoopConfig = field(LoopConfig(), "")
+    mesh: sharding.MeshConfig = field(sharding.MeshConfig(), "")
+    rollout: SamplingConfig = field(SamplingConfig(), "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,38 +122,20 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def build_config(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
-    """TrainConfig from method defaults <- YAML <- overrides. With no --config and the default model,
-    the embedded toy config of the method is used."""
-    argv = list(argv)
-    cfg_path, rest, method = None, [], None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" or a.startswith("--config="):
-            if "=" in a:
-                cfg_path = a.split("=", 1)[1]
-            else:
-                if i + 1 >= len(argv):
-                    raise ConfigError("--config needs a file path")
-                cfg_path, i = argv[i + 1], i + 1
-        else:
-            rest.append(a)
-        i += 1
-    overrides = C.parse_overrides(TrainConfig, rest)
-    method = overrides.get("method")
-    yaml_data = C.read_yaml(cfg_path) if cfg_path else {}
-    method = method or yaml_data.get("method") or "opsd"
-    method = C.convert(method, C._hints(TrainConfig)["method"], "method")
-    base = C.METHOD_DEFAULTS[method]
+    """TrainConfig from the method's defaults <- YAML <- overrides. With no --config and the default
+    model, the embedded toy config of the method is used (and named in the returned note)."""
+    cfg_path, rest = config.split_config_arg(argv)
+    overrides = config.parse_overrides(TrainConfig, rest)
+    yaml_data = config.read_yaml(cfg_path) if cfg_path else {}
+    method = overrides.get("method") or yaml_data.get("method") or TrainConfig().method
+    method = config.convert(method, config._hints(TrainConfig)["method"], "method")
     toy_note = None
-    if cfg_path is None:
-        model_path = overrides.get("model", {}).get("path", "toy")
-        if model_path == "toy":
-            cfg_path = REPO_CONFIGS / "toy" / f"{method}.yaml"
-            if not cfg_path.is_file():
-                raise ConfigError(f"the embedded toy config {cfg_path} is missing; pass --config FILE.yaml")
-            toy_note = f"embedded toy default ({cfg_path})"
-    cfg = C.load(TrainConfig, cfg_path, rest, base=base)
+    if cfg_path is None and overrides.get("model", {}).get("path", "toy") == "toy":
+        cfg_path = TOY_CONFIGS / f"{method}.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError(f"the embedded toy config {cfg_path} is missing; pass --config FILE.yaml")
+        toy_note = f"embedded toy default ({cfg_path})"
+    cfg = config.load(TrainConfig, cfg_path, rest, base=methods.get(method).defaults)
     if cfg.method != method:
         cfg = dataclasses.replace(cfg, method=method)
     return cfg, toy_note
@@ -86,7 +145,7 @@ def build_config(argv: Sequence[str]) -> tuple[TrainConfig, str | None]:
 # optimizer
 
 
-def make_optimizer(o: C.OptimSection, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(o: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     warmup = o.warmup_steps or int(round(o.warmup_ratio * steps))
     decay_steps = max(steps - warmup, 1)
     if o.schedule == "constant":
@@ -105,27 +164,52 @@ def make_optimizer(o: C.OptimSection, steps: int) -> tuple[optax.GradientTransfo
 
 
 # ---------------------------------------------------------------------------------------------
-# the pure step
+# the train state and the pure step
+
+
+class TrainState(NamedTuple):
+    """What is trained and checkpointed: never the frozen base weights (an argument of the step)."""
+
+    step: jax.Array
+    lora: Any
+    opt_state: Any
+    ema: Any = None  # the EMA teacher's LoRA tree, when the method keeps one
+
+    def as_tree(self) -> dict:
+        """The checkpointed tree (a dict without the absent EMA)."""
+        return {k: v for k, v in self._asdict().items() if v is not None}
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> "TrainState":
+        return cls(**tree)
+
+
+def ema_update(ema, lora, decay: float):
+    """decay * ema + (1 - decay) * lora, leaf by leaf (each result keeps the dtype of `ema`)."""
+    return jax.tree.map(lambda e, x: (decay * e.astype(jnp.float32)
+                                      + (1.0 - decay) * jax.lax.stop_gradient(x).astype(jnp.float32)).astype(e.dtype),
+                        ema, lora)
 
 
 def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
-    """(state, params, batch, rng) -> (state, metrics). `batch` leaves are [grad_accum, micro, ...];
-    gradients are averaged over the micro-batches with a scan (one micro-batch alive at a time).
+    """(state, params, batch, rng) -> (state, metrics). `loss_fn(lora, params, micro_batch, rng,
+    teacher_lora)` -> (loss, metrics); `batch` leaves are [grad_accum, micro, ...]; gradients and
+    metrics are averaged over the micro-batches with a scan (one micro-batch alive at a time). With
+    `ema_decay`, the EMA tree moves towards the *updated* LoRA.
 
     A step whose loss, gradient or updated weights are not finite is skipped: the LoRA tree, the
     optimizer state and the EMA teacher stay as they were (only the step counter advances) and
     `metrics["skipped"]` is 1.
     """
 
-    def step(state, params, batch, rng):
+    def step(state: TrainState, params, batch, rng):
         accum = jax.tree.leaves(batch)[0].shape[0]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        extra = {"teacher_lora": state["ema"]} if "ema" in state else {}
 
         def micro(carry, xs):
             g_sum, m_sum = carry
             mb, key = xs
-            (loss, metrics), g = grad_fn(state["lora"], params, mb, key, **extra)
+            (loss, metrics), g = grad_fn(state.lora, params, mb, key, state.ema)
             metrics = dict(metrics, loss=loss)
             g_sum = jax.tree.map(jnp.add, g_sum, g)
             m_sum = jax.tree.map(jnp.add, m_sum, metrics)
@@ -133,24 +217,22 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
 
         keys = jax.random.split(rng, accum)
         first = jax.tree.map(lambda x: x[0], batch)
-        m_shape = jax.eval_shape(loss_fn, state["lora"], params, first, keys[0], **extra)[1]
+        m_shape = jax.eval_shape(loss_fn, state.lora, params, first, keys[0], state.ema)[1]
         m0 = {k: jnp.zeros((), jnp.float32) for k in list(m_shape) + ["loss"]}
-        g0 = jax.tree.map(jnp.zeros_like, state["lora"])
+        g0 = jax.tree.map(jnp.zeros_like, state.lora)
         (g_sum, m_sum), _ = jax.lax.scan(micro, (g0, m0), (batch, keys))
         grads = jax.tree.map(lambda g: g / accum, g_sum)
         metrics = jax.tree.map(lambda m: m / accum, m_sum)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
-        lora = optax.apply_updates(state["lora"], updates)
-        new = dict(state, lora=lora, opt_state=opt_state)
-        if "ema" in state:
-            from jsdr.losses.opsd import ema_update
-            new["ema"] = ema_update(state["ema"], lora, ema_decay)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        ema = None if state.ema is None else ema_update(state.ema, lora, ema_decay)
+        new = state._replace(lora=lora, opt_state=opt_state, ema=ema)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         for leaf in jax.tree.leaves(lora):
             finite &= jnp.all(jnp.isfinite(leaf))
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, dict(state))
-        new["step"] = state["step"] + 1
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new = new._replace(step=state.step + 1)
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         return new, metrics
@@ -173,15 +255,6 @@ def record_indices(n_records: int, step: int, per_step: int, seed: int, shuffle:
     order_epoch[g mod n] with epoch = g // n and a seeded permutation per epoch."""
     return [int(_epoch_order(n_records, seed, g // n_records, shuffle)[g % n_records])
             for g in range(step * per_step, (step + 1) * per_step)]
-
-
-def bucket(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def stack_micro(rows: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
-    """[accum * micro, ...] host arrays -> [accum, micro, ...]."""
-    return {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in rows.items()}
 
 
 def read_metrics(path: Path, log=print) -> list[dict]:
@@ -249,30 +322,6 @@ class Logger:
             self.tb.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# the run directory
-
-# what a run writes into its directory (train.overwrite removes exactly these)
-RUN_FILES = ("metrics.jsonl", "tb", "checkpoints", "adapter", "config.json", "config_history.jsonl", "summary.json")
-# settings a resume may change freely: they change what is logged, kept or scored, never the trained weights
-RESUME_FREE = frozenset({"train.resume", "train.overwrite", "train.resume_override", "train.log_every",
-                         "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.output_dir",
-                         "train.max_nonfinite_steps", "data.eval", "data.eval_split", "data.eval_limit",
-                         "data.eval_max_new_tokens", "data.eval_temperature"})
-# settings that can never change within a run: the checkpoint's tree or meaning depends on them
-RESUME_FIXED = frozenset({"method", "model", "lora", "opsd.teacher"})
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -283,23 +332,14 @@ def _first_line(e: BaseException) -> str:
 
 
 class Trainer:
-    """Sets up model, LoRA, optimizer, data and sampler from a TrainConfig, then `run()`s the loop."""
+    """Sets up model, LoRA, optimizer, data and sampler from a TrainConfig, then `run()`s the loop.
+    Everything that depends on the method is delegated to `self.method` (jsdr/methods)."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True, log=print):
-        from jsdr.model import hf
-        from jsdr.model.lora import init_lora
-
+    def __init__(self, cfg: TrainConfig, progress: bool = True, log=print, sample=None):
+        """`sample`: replaces the sampler (lora, prompts, SamplingConfig, rng) -> SampleOutput (tests)."""
         self.cfg, self.progress, self.log = cfg, progress, log
         self.run_dir = Path(cfg.train.output_dir.format(method=cfg.method))
-        devices = jax.devices()
-        if cfg.mesh.num_devices is not None:
-            if cfg.mesh.num_devices > len(devices):
-                raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices exist")
-            devices = devices[:cfg.mesh.num_devices]
-        try:
-            self.mesh = S.make_mesh(S.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.mesh, self.rules = sharding.make_mesh(cfg.mesh), sharding.effective_rules(cfg.mesh)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.micro = cfg.train.per_device_batch * dp
         self.batch = self.micro * cfg.train.grad_accum
@@ -308,43 +348,32 @@ class Trainer:
                 f"train.effective_batch={cfg.train.effective_batch} but per_device_batch "
                 f"({cfg.train.per_device_batch}) x data-parallel devices ({dp}) x grad_accum "
                 f"({cfg.train.grad_accum}) = {self.batch}")
-        if cfg.method == "grpo" and self.batch % cfg.rollout.n:
-            raise ConfigError(f"GRPO: the batch of {self.batch} completions per step is not a multiple of "
-                              f"rollout.n={cfg.rollout.n} generations per prompt")
-        self.prompts_per_step = self.batch // cfg.rollout.n if cfg.method == "grpo" else self.batch
-        if cfg.method == "grpo" and (cfg.grpo.temperature != cfg.rollout.temperature
-                                     or cfg.grpo.num_generations != cfg.rollout.n):
-            raise ConfigError(
-                f"grpo.temperature={cfg.grpo.temperature} and grpo.num_generations={cfg.grpo.num_generations} "
-                f"must equal rollout.temperature={cfg.rollout.temperature} and rollout.n={cfg.rollout.n}: the "
-                f"loss scores completions at the temperature they were sampled at, in groups of rollout.n")
 
-        model_dir = cfg.model.path
-        if model_dir == "toy":
-            from jsdr.data.toy import ensure_toy_assets
-            model_dir = str(ensure_toy_assets(progress=progress))
-        else:
-            model_dir = hf.resolve_model_dir(model_dir)
-        self.model_dir = model_dir
-        self.tokenizer = hf.load_tokenizer(cfg.model.tokenizer or model_dir)
-        self.dtype = jnp.dtype(cfg.model.dtype)
-        with S.use_mesh(self.mesh):
-            self.params, self.mcfg, self.hf_config = hf.load_params(model_dir, mesh=self.mesh, dtype=self.dtype,
-                                                                    progress=progress)
+        opened = run.open_model(cfg.model.path, mesh=self.mesh, rules=self.rules, dtype=cfg.model.dtype,
+                                tokenizer=cfg.model.tokenizer, progress=progress)
+        self.params, self.mcfg, self.tokenizer = opened.params, opened.config, opened.tokenizer
+        self.model_dir, self.pad_id = opened.directory, opened.pad_id
+        self.model = Model(self.mcfg, lora_scale=cfg.lora.scale, attn_impl=cfg.model.attn_impl, remat=cfg.model.remat,
+                           dtype=cfg.model.dtype, lora_dropout=cfg.lora.dropout)
+        self.stop_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop_token_ids)
+        self._sampler = None
+        self._sample = sample or self._sample_with_sampler
+        self.method = methods.get(cfg.method)(methods.Setup(
+            model=self.model, tokenizer=self.tokenizer, data=cfg.data, prompts=cfg.prompts,
+            rollout=dataclasses.replace(cfg.rollout, stop_token_ids=self.stop_ids), options=cfg.method_options(),
+            reward=cfg.reward, pad_id=self.pad_id, seq_bucket=cfg.train.seq_bucket, grad_accum=cfg.train.grad_accum,
+            micro_batch=self.micro, data_parallel=dp, sample=self.sample, log=log))
+        self.records_per_step = self.method.records_per_step(self.batch)
+
+        with sharding.use_mesh(self.mesh, self.rules):
             lora = init_lora(self.mcfg, cfg.lora, jax.random.key(cfg.seed), mesh=self.mesh)
-        self.lora_scale = cfg.lora.scale
         self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        state = {"step": jnp.zeros((), jnp.int32), "lora": lora,
-                 "opt_state": jax.jit(self.optimizer.init)(lora)}
-        if cfg.method == "opsd" and cfg.opsd.teacher == "ema":
-            state["ema"] = jax.tree.map(jnp.copy, lora)
-        self.state = self._on_mesh(state)
-        self.pad_id = self._pad_id()
-        self.stop_ids = self._stop_ids()
+        ema = None if self.method.ema_decay is None else jax.tree.map(jnp.copy, lora)
+        self.state = run.replicate(TrainState(jnp.zeros((), jnp.int32), lora, jax.jit(self.optimizer.init)(lora), ema),
+                                   self.mesh)
         self.records = self._prepare(self._load_records())
         self.eval_records = self._load_eval_records()
         self._step_fn = None
-        self._sampler = None
         self.rollout_tokens = 0
         self.stop_requested = False
         self.stop_signal: int | None = None
@@ -353,351 +382,99 @@ class Trainer:
                 f"use about 1e-6 to 1e-2); steps with non-finite values are skipped and "
                 f"{cfg.train.max_nonfinite_steps} in a row stop the run")
 
-    # -- setup helpers ---------------------------------------------------------------------------
-
-    def _on_mesh(self, tree):
-        """Leaves not yet laid out on the mesh (step counters, optimizer counts) are replicated on it."""
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        rep = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
-                            else jax.device_put(x, rep), tree)
-
-    def _pad_id(self) -> int:
-        t = self.tokenizer
-        return int(t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0))
-
-    def _stop_ids(self) -> tuple[int, ...]:
-        from jsdr.data.prompts import stop_token_ids
-        return stop_token_ids(self.tokenizer, self.cfg.rollout.stop_token_ids)
+    # -- data ----------------------------------------------------------------------------------
 
     def _load_records(self) -> list[dict]:
-        if self.cfg.data.train == "toy":
-            from jsdr.data import toy
+        d = self.cfg.data
+        if d.train == "toy":
             return toy.make_problems(split="train", seed=self.cfg.seed, **toy.TRAIN_DEFAULTS)
-        return self._read(self.cfg.data.train, self.cfg.data.split, self.cfg.data.limit)
+        return load_records(d.train, split=d.split, fields=d.fields(), limit=d.limit)
 
     def _load_eval_records(self) -> list[dict]:
         d = self.cfg.data
         if d.eval is None:
             return []
         if d.eval in ("toy", "toy:test", "toy:validation"):  # the toy's test split, or its validation split
-            from jsdr.data import toy
             return toy.toy_benchmark(d.eval_limit, split="validation" if d.eval.endswith("validation") else "test")
-        return self._read(d.eval, d.eval_split, d.eval_limit)
-
-    def _read(self, source: str, split: str, limit: int | None) -> list[dict]:
-        from jsdr.data.datasets import load_records
-        d = self.cfg.data
-        fields = {"problem": d.problem_field, "solution": d.solution_field, "answer": d.answer_field}
-        return load_records(source, split=split, fields=fields, limit=limit)
-
-    # -- data stream ---------------------------------------------------------------------------
-
-    def take(self, step: int) -> list[dict]:
-        """The records of optimizer step `step` (a pure function of step, seed and data size)."""
-        idx = record_indices(len(self.records), step, self.prompts_per_step, self.cfg.seed, self.cfg.data.shuffle)
-        return [self.records[i] for i in idx]
-
-    # -- sampling ------------------------------------------------------------------------------
-
-    @property
-    def sampler(self):
-        if self._sampler is None:
-            from jsdr.sampling import Sampler
-            self._sampler = Sampler(self.mcfg, lora_scale=self.lora_scale, mesh=self.mesh, pad_id=self.pad_id)
-        return self._sampler
-
-    def sample(self, lora, prompts: list[list[int]], sc, rng):
-        with S.use_mesh(self.mesh):
-            return self.sampler.generate(self.params, lora, prompts, sc, rng=rng)
-
-    # -- evaluation ----------------------------------------------------------------------------
-
-    def evaluate(self, lora) -> dict:
-        """Held-out accuracy of the student prompt (greedy unless data.eval_temperature > 0)."""
-        from jsdr.data.rewards import grade
-        from jsdr.sampling import SamplingConfig
-        if not self.eval_records:
-            return {}
-        d = self.cfg.data
-        prompts = [self.render_student(r["problem"]) for r in self.eval_records]
-        sc = SamplingConfig(temperature=d.eval_temperature, n=1, max_new_tokens=d.eval_max_new_tokens,
-                            stop_token_ids=self.stop_ids, seed=self.cfg.seed)
-        out = self.sample(lora, prompts, sc, jax.random.PRNGKey(self.cfg.seed + 7))
-        texts = self.decode(out.tokens, out.lengths)
-        correct = [grade(t, r["answer"], method=self.cfg.reward).correct
-                   for t, r in zip(texts, self.eval_records)]
-        return {"eval/accuracy": float(np.mean(correct)), "eval/response_tokens": float(np.mean(out.lengths))}
-
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-        return [self.tokenizer.decode(list(t[:n]), skip_special_tokens=True) for t, n in zip(tokens, lengths)]
-
-    # -- prompts -------------------------------------------------------------------------------
-
-    def render_student(self, problem: str) -> list[int]:
-        from jsdr.data.prompts import render_student
-        return render_student(self.tokenizer, problem, self.cfg.prompts)
+        return load_records(d.eval, split=d.eval_split, fields=d.fields(), limit=d.eval_limit)
 
     def _prepare(self, records: list[dict]) -> list[dict]:
-        """Tokenize what the method needs once, count and drop (or truncate) over-long examples."""
-        from tqdm import tqdm
-
-        from jsdr.data.prompts import render_sft_example, render_teacher
-        cfg, d = self.cfg, self.cfg.data
+        """Tokenize what the method needs once; count (and log) the examples it drops or truncates."""
+        d = self.cfg.data
         out, dropped, truncated = [], 0, 0
-        it = tqdm(records, desc="tokenizing", unit="ex", disable=not self.progress or len(records) < 2000)
-        for r in it:
-            r = dict(r)
-            if cfg.method == "sft":
-                ex = render_sft_example(self.tokenizer, r["problem"], r["solution"], cfg.prompts)
-                prompt, resp = list(ex.prompt_ids), list(ex.response_ids)
-                if len(prompt) + len(resp) > d.max_length:
-                    if d.overlong == "drop" or len(prompt) >= d.max_length:
-                        dropped += 1
-                        continue
-                    resp = resp[:d.max_length - len(prompt)]
-                    truncated += 1
-                r["prompt_ids"], r["response_ids"] = prompt, resp
-            else:
-                r["prompt_ids"] = self.render_student(r["problem"])
-                if cfg.method == "opsd":
-                    r["teacher_ids"] = render_teacher(self.tokenizer, r["problem"], r["solution"], cfg.prompts)
-                longest = max(len(r["prompt_ids"]), len(r.get("teacher_ids", ())))
-                if longest > d.max_prompt_tokens:
-                    dropped += 1  # a prompt is never cut: the model would see a mangled problem
-                    continue
-            out.append(r)
+        for r in tqdm(records, desc="tokenizing", unit="ex", disable=not self.progress or len(records) < 2000):
+            prepared = self.method.prepare(r)
+            if prepared is None:
+                dropped += 1
+                continue
+            truncated += bool(prepared.pop("truncated", False))
+            out.append(prepared)
         if dropped or truncated:
-            what = "prompt + solution > data.max_length" if cfg.method == "sft" else \
-                "prompt > data.max_prompt_tokens"
             self.log(f"data: {dropped} of {len(records)} examples dropped and {truncated} truncated "
-                     f"({what}; data.overlong={d.overlong})")
+                     f"(longer than {self.method.length_limit}; data.overlong={d.overlong})")
         if not out:
             raise ConfigError(f"data: no example of {len(records)} fits the length limits "
                               f"(data.max_length={d.max_length}, data.max_prompt_tokens={d.max_prompt_tokens})")
         return out
 
-    # -- batches per method ----------------------------------------------------------------------
+    def take(self, step: int) -> list[dict]:
+        """The records of optimizer step `step` (a pure function of step, seed and data size)."""
+        idx = record_indices(len(self.records), step, self.records_per_step, self.cfg.seed, self.cfg.data.shuffle)
+        return [self.records[i] for i in idx]
 
-    def make_batch(self, step: int, rng) -> tuple[dict[str, np.ndarray], dict]:
-        return getattr(self, f"_batch_{self.cfg.method}")(self.take(step), rng)
+    # -- sampling and held-out evaluation --------------------------------------------------------
 
-    def _rollout_config(self, n: int):
-        return dataclasses.replace(self.cfg.rollout, n=n, stop_token_ids=self.stop_ids)
+    def _sample_with_sampler(self, lora, prompts, sc: SamplingConfig, rng):
+        if self._sampler is None:
+            # decoding needs only the LoRA scale of the training forward (no remat, dropout or training kernel)
+            self._sampler = Sampler(Model(self.mcfg, lora_scale=self.model.lora_scale), mesh=self.mesh,
+                                    pad_id=self.pad_id, rules=self.rules)
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._sampler.generate(self.params, lora, prompts, sc, rng=rng)
 
-    def _batch_opsd(self, recs, rng):
-        from jsdr.losses.opsd import build_opsd_batch
-        q = self.cfg.train.seq_bucket
-        sp = [r["prompt_ids"] for r in recs]
-        tp = [r["teacher_ids"] for r in recs]
-        out = self.sample(self.state["lora"], sp, self._rollout_config(1), rng)
-        lengths = [int(n) for n in out.lengths]
-        rollouts = [list(t[:n]) for t, n in zip(out.tokens, lengths)]
-        self.rollout_tokens += sum(lengths)
-        N = bucket(max(lengths + [1]), q)
-        batch = build_opsd_batch(sp, tp, rollouts, student_len=bucket(max(map(len, sp)) + N, q),
-                                 teacher_len=bucket(max(map(len, tp)) + N, q), rollout_len=N,
-                                 padding="left", pad_id=self.pad_id)
-        info = {"tokens": int(batch["s_segment_ids"].astype(bool).sum() + batch["t_segment_ids"].astype(bool).sum()),
-                "rollout/length": float(np.mean(lengths)),
-                "rollout/accuracy": self._accuracy(out, recs, 1)}
-        return stack_micro(batch, self.cfg.train.grad_accum), info
+    def sample(self, lora, prompts, sc: SamplingConfig, rng):
+        return self._sample(lora, prompts, sc, rng)
 
-    def _accuracy(self, out, recs, n) -> float:
-        from jsdr.data.rewards import grade
-        texts = self.decode(out.tokens, out.lengths)
-        return float(np.mean([grade(t, recs[i // n]["answer"], method=self.cfg.reward).correct
-                              for i, t in enumerate(texts)]))
-
-    def _batch_sft(self, recs, rng):
-        """Pack the step's examples into rows of one length bucket; the row count is rounded up to a
-        multiple of grad_accum x data-parallel size (all-padding rows carry no loss)."""
-        from jsdr.losses.sft import pack_sft_examples
-        q = self.cfg.train.seq_bucket
-        examples = [(r["prompt_ids"], r["response_ids"]) for r in recs]
-        T = bucket(max(len(p) + len(r) for p, r in examples), q)
-        packed = pack_sft_examples(examples, T, pad_id=self.pad_id)
-        unit = self.cfg.train.grad_accum * (self.micro // self.cfg.train.per_device_batch)
-        rows = bucket(packed["tokens"].shape[0], unit)
-        batch = pack_sft_examples(examples, T, num_rows=rows, pad_id=self.pad_id)
-        info = {"tokens": int(batch["segment_ids"].astype(bool).sum()), "sft/rows": rows}
-        return stack_micro(batch, self.cfg.train.grad_accum), info
-
-    def _batch_grpo(self, recs, rng):
-        from jsdr.data.rewards import grade
-        from jsdr.losses.grpo import build_grpo_batch, group_advantages
-        G, q, g = self.cfg.rollout.n, self.cfg.train.seq_bucket, self.cfg.grpo
-        prompts = [r["prompt_ids"] for r in recs]
-        out = self.sample(self.state["lora"], prompts, self._rollout_config(G), rng)
-        lengths = [int(n) for n in out.lengths]
-        self.rollout_tokens += sum(lengths)
-        texts = self.decode(out.tokens, out.lengths)
-        grades = [grade(t, recs[i // G]["answer"], method=self.cfg.reward) for i, t in enumerate(texts)]
-        rewards = np.array([float(x.correct) for x in grades], np.float32)
-        adv = np.asarray(group_advantages(rewards, G, g.std_normalization, g.adv_eps), np.float32)
-        completions = out.completions()
-        batch = build_grpo_batch([prompts[i // G] for i in range(len(completions))], completions,
-                                 prompt_len=bucket(max(map(len, prompts)), q),
-                                 completion_len=bucket(max(lengths + [1]), q), pad_id=self.pad_id)
-        batch["advantages"] = adv
-        batch["old_logprobs"] = self.old_logprobs(batch)
-        info = {"tokens": int(batch["segment_ids"].astype(bool).sum()),
-                "reward/mean": float(rewards.mean()), "rollout/length": float(np.mean(lengths)),
-                "reward/grader_errors": float(sum(x.error is not None for x in grades))}
-        return stack_micro(batch, self.cfg.train.grad_accum), info
-
-    def old_logprobs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Log-probs of the completion tokens under the current policy, recomputed with the loss's own
-        forward (same temperature, dtype and numerics), one micro-batch at a time."""
-        from jsdr.losses.grpo import policy_logprobs
-        if getattr(self, "_old_lp", None) is None:
-            fn = partial(policy_logprobs, model_cfg=self.mcfg, cfg=self.cfg.grpo, lora_scale=self.lora_scale,
-                         remat="none", attn_impl=self.cfg.model.attn_impl, dtype=self.dtype)
-            self._old_lp = jax.jit(lambda lora, params, b: fn(lora, params, b))
-        keys = ("tokens", "positions", "segment_ids", "targets")
-        m = self.micro
-        parts = []
-        with S.use_mesh(self.mesh):
-            for i in range(0, batch["tokens"].shape[0], m):
-                mb = self.put_batch({k: batch[k][None, i:i + m] for k in keys})
-                mb = {k: v[0] for k, v in mb.items()}
-                parts.append(np.asarray(jax.device_get(self._old_lp(self.state["lora"], self.params, mb))))
-        return np.concatenate(parts).astype(np.float32)
-
-    def loss_fn(self):
-        m = self.cfg.method
-        if m == "sft":
-            from jsdr.losses.sft import sft_loss as fn
-        elif m == "grpo":
-            from jsdr.losses.grpo import grpo_loss as fn
-        else:
-            from jsdr.losses.opsd import opsd_loss as fn
-        return partial(fn, model_cfg=self.mcfg, cfg=getattr(self.cfg, m), lora_scale=self.lora_scale,
-                       remat=self.cfg.model.remat, attn_impl=self.cfg.model.attn_impl, dtype=self.dtype,
-                       lora_dropout=self.cfg.lora.dropout)
+    def evaluate(self, lora) -> dict:
+        """Held-out accuracy of the student prompt (greedy unless data.eval_temperature > 0)."""
+        if not self.eval_records:
+            return {}
+        d = self.cfg.data
+        prompts = [render_student(self.tokenizer, r["problem"], self.cfg.prompts) for r in self.eval_records]
+        sc = SamplingConfig(temperature=d.eval_temperature, n=1, max_new_tokens=d.eval_max_new_tokens,
+                            stop_token_ids=self.stop_ids, seed=self.cfg.seed)
+        out = self.sample(lora, prompts, sc, jax.random.PRNGKey(self.cfg.seed + 7))
+        texts = run.decode(self.tokenizer, out.tokens, out.lengths)
+        correct = [grade(t, r["answer"], method=self.cfg.reward).correct for t, r in zip(texts, self.eval_records)]
+        return {"eval/accuracy": float(np.mean(correct)), "eval/response_tokens": float(np.mean(out.lengths))}
 
     # -- the jitted step -----------------------------------------------------------------------
 
     def step_fn(self):
         if self._step_fn is None:
-            loss_fn = self.loss_fn()
-            ema = self.cfg.opsd.ema_decay if "ema" in self.state else None
-            step = make_train_step(loss_fn, self.optimizer, ema_decay=ema)
+            step = make_train_step(self.method.loss, self.optimizer, ema_decay=self.method.ema_decay)
             state_sh = jax.tree.map(lambda x: x.sharding, self.state)
             self._step_fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
         return self._step_fn
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """[accum, micro, ...] host arrays -> device arrays split over the data-parallel axes."""
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        spec = S.logical_to_spec(("act_batch",), None, self.mesh, S.DEFAULT_RULES)
-        sh = NamedSharding(self.mesh, P(None, *spec))
-        return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
-
     # -- the run directory ---------------------------------------------------------------------
 
-    def _clear_for_overwrite(self) -> None:
-        """train.overwrite: remove what an earlier run wrote here (RUN_FILES only, nothing else)."""
-        t = self.cfg.train
-        if t.resume and t.overwrite:
-            raise ConfigError("train.resume and train.overwrite exclude each other: continue the run in "
-                              f"{self.run_dir}, or start it again from step 0")
-        ours = [p for p in RUN_FILES if (self.run_dir / p).exists()]
-        if t.overwrite and ours:
-            self._remove(ours)
-            self.log(f"--train.overwrite: removed {', '.join(ours)} of the earlier run in {self.run_dir}")
-
-    def _remove(self, names) -> None:
-        import shutil
-        for name in names:
-            p = self.run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-    def _prepare_run_dir(self, ckpt: Checkpointer) -> int:
-        """The step to start from. Refuses to touch an earlier run's files unless asked to (resume
-        or overwrite), and a resume whose settings change the run unless train.resume_override."""
-        t = self.cfg.train
-        ours = [p for p in RUN_FILES if (self.run_dir / p).exists() and p != "checkpoints"]
-        latest = ckpt.latest_step()
+    def _start(self, ckpt: Checkpointer) -> int:
+        """The step to start from: 0, or the latest checkpoint's (restoring the state) on a resume that
+        the run directory allows (see RunDirectory)."""
+        latest = self.run_dir_state.prepare(ckpt)
         if latest is None:
-            # a run that stopped before its first checkpoint, with the same settings, starts again from 0;
-            # anything else (another run's files, or a finished run's adapter) is never replaced silently
-            same = ours and not {"adapter", "summary.json"} & set(ours) and self._same_config_on_disk()
-            if ours and not same:
-                raise RunError(f"{self.run_dir} already holds {', '.join(ours)} of another run (no checkpoint); "
-                               f"pass --train.overwrite=true to replace it or choose another --train.output_dir")
-            if ours:
-                self._remove(ours)
-                self.log(f"{self.run_dir}: the earlier run with these settings stopped before its first "
-                         f"checkpoint; starting again from step 0")
-            elif t.resume:
-                self.log(f"--train.resume: no checkpoint in {ckpt.directory}; starting from step 0")
             return 0
-        if not t.resume:
-            raise RunError(f"{self.run_dir} already holds checkpoints (latest step {latest}); pass "
-                           f"--train.resume=true to continue that run, --train.overwrite=true to start it again, "
-                           f"or choose another --train.output_dir")
-        self._check_resume_config()
         try:
-            self.state, meta = ckpt.restore(latest, like=self.state)
+            tree, meta = ckpt.restore(latest, like=self.state.as_tree())
         except Exception as e:  # noqa: BLE001 - orbax raises several types for a tree that does not match
             raise RunError(f"{ckpt.directory} step {latest}: the checkpoint does not match this run's train state "
                            f"({type(e).__name__}: {_first_line(e)})") from None
+        self.state = TrainState.from_tree(tree)
         self.rollout_tokens = int(meta.get("rollout_tokens", 0))
         self.nonfinite_total = int(meta.get("nonfinite_steps", 0))
         self.log(f"resumed {self.run_dir} at step {latest}")
         return int(meta["step"])
-
-    def _same_config_on_disk(self) -> bool:
-        try:
-            return not self._config_changes()
-        except RunError:
-            return False
-
-    def _config_changes(self) -> dict[str, tuple]:
-        """{dotted key: (saved, now)} of the settings outside RESUME_FREE that differ from the run on disk."""
-        saved, now = _flat(self._saved_config()), _flat(C.to_dict(self.cfg))
-        return {k: (saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(saved) | set(now))
-                if saved.get(k, "<absent>") != now.get(k, "<absent>") and k not in RESUME_FREE}
-
-    def _saved_config(self) -> dict:
-        hist = self.run_dir / "config_history.jsonl"
-        if hist.exists():
-            lines = [ln for ln in hist.read_text().splitlines() if ln.strip()]
-            for ln in reversed(lines):
-                try:
-                    return json.loads(ln)["config"]
-                except (ValueError, KeyError):
-                    continue  # a torn line: the one before holds the config in effect
-        path = self.run_dir / "config.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise RunError(f"{path}: cannot read the saved configuration of the run to resume ({e})") from None
-
-    def _check_resume_config(self) -> None:
-        """Refuse a resume whose configuration changes the run (any setting outside RESUME_FREE)."""
-        changed = self.resume_changes = self._config_changes()
-        if not changed:
-            return
-        desc = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        fixed = [k for k in changed if k.split(".")[0] in RESUME_FIXED or k in RESUME_FIXED]
-        if fixed:
-            raise RunError(f"--train.resume: {', '.join(fixed)} cannot change within a run ({desc}); start a new "
-                           f"run in another --train.output_dir")
-        if not self.cfg.train.resume_override:
-            raise RunError(f"--train.resume: settings differ from the run in {self.run_dir} ({desc}); pass the "
-                           f"same settings, or --train.resume_override=true to continue with the new ones")
-        self.log(f"--train.resume_override: continuing with changed settings: {desc}")
-
-    def _write_config(self, start: int) -> None:
-        d = C.to_dict(self.cfg)
-        if not (self.run_dir / "config.json").exists():  # the original stays; every start is appended below
-            (self.run_dir / "config.json").write_text(json.dumps(d, indent=2))
-        rec = {"start_step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": d,
-               "changes": {k: list(v) for k, v in getattr(self, "resume_changes", {}).items()}}
-        with (self.run_dir / "config_history.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -713,7 +490,7 @@ class Trainer:
 
     def _save(self, ckpt: Checkpointer, step: int) -> None:
         try:
-            ckpt.save(step, self.state, {"step": step, "rollout_tokens": self.rollout_tokens, "seed": self.cfg.seed,
+            ckpt.save(step, self.state.as_tree(), {"step": step, "rollout_tokens": self.rollout_tokens, "seed": self.cfg.seed,
                                          "method": self.cfg.method, "nonfinite_steps": self.nonfinite_total})
         except Exception as e:  # noqa: BLE001 - disk full, permissions, orbax errors: all end the run here
             raise RunError(f"checkpoint of step {step} could not be written to {ckpt.directory} "
@@ -762,21 +539,22 @@ class Trainer:
         Order at the end: held-out score, PEFT adapter, final checkpoint, summary.json. The adapter is
         written before and independently of the final checkpoint, so a failed checkpoint (disk full)
         does not lose the run's result. `summary["stopped"]` is set when a signal stopped the run."""
-        from tqdm import tqdm
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_for_overwrite()
+        self.run_dir_state = RunDirectory(self.run_dir, config.to_dict(cfg), cfg.train, self.method.fixed_on_resume,
+                                          self.log)
+        self.run_dir_state.clear_for_overwrite()
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.nonfinite_total = self.nonfinite_run = self.zero_grad_run = 0
         logger = bar = None
         old_handlers = self._install_signal_handlers() if _main_thread() else {}
         summary: dict = {}
         try:
-            start = self._prepare_run_dir(ckpt)
-            self._write_config(start)
+            start = self._start(ckpt)
+            self.run_dir_state.write_config(start)
             logger = Logger(self.run_dir, start, log=self.log)
             if start == 0 and self.eval_records:
-                summary["eval/accuracy_before"] = self.evaluate(self.state["lora"]).get("eval/accuracy")
+                summary["eval/accuracy_before"] = self.evaluate(self.state.lora).get("eval/accuracy")
                 self.log(f"held-out accuracy before training: {summary['eval/accuracy_before']:.3f} "
                          f"({len(self.eval_records)} problems)")
                 logger.log(0, {"eval/accuracy": summary["eval/accuracy_before"]})
@@ -789,13 +567,15 @@ class Trainer:
             while step < cfg.train.steps and not self.stop_requested:
                 t0 = time.time()
                 rng_data, rng_step = jax.random.split(jax.random.fold_in(base_key, step))
-                host, info = self.make_batch(step, rng_data)
-                with S.use_mesh(self.mesh):
-                    self.state, metrics = self.step_fn()(self.state, self.params, self.put_batch(host), rng_step)
+                step_batch = self.method.make_batch(self.take(step), self.state.lora, rng_data)
+                self.rollout_tokens += step_batch.rollout_tokens
+                with sharding.use_mesh(self.mesh, self.rules):
+                    batch = run.place_batch(step_batch.batch, self.mesh, leading=1, rules=self.rules)
+                    self.state, metrics = self.step_fn()(self.state, self.params, batch, rng_step)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
-                n_tok = int(info.pop("tokens"))
-                metrics.update(info)
+                n_tok = step_batch.tokens
+                metrics.update(step_batch.info)
                 metrics["lr"] = float(self.schedule(step - 1))
                 metrics["rollout_tokens"] = self.rollout_tokens
                 metrics["nonfinite_steps"] = self.nonfinite_total + int(metrics["skipped"] > 0)
@@ -803,7 +583,7 @@ class Trainer:
                 metrics["time"] = time.time() - t_start
                 self._check_finite(step, metrics, ckpt)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.eval_records:
-                    metrics.update(self.evaluate(self.state["lora"]))
+                    metrics.update(self.evaluate(self.state.lora))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     logger.log(step, metrics)
                 bar.update(1)
@@ -827,7 +607,7 @@ class Trainer:
                              f"continue with --train.resume=true")
                 return summary
             if self.eval_records:
-                after = self.evaluate(self.state["lora"])
+                after = self.evaluate(self.state.lora)
                 summary["eval/accuracy_after"] = after.get("eval/accuracy")
                 logger.log(step, after)
                 self.log(f"held-out accuracy after training: {summary['eval/accuracy_after']:.3f}")
@@ -865,16 +645,14 @@ class Trainer:
                 signal.signal(s, h)
 
     def export(self) -> Path:
-        from jsdr.model.lora import save_peft
         out = self.run_dir / "adapter"
         base = self.cfg.model.path if self.cfg.model.path != "toy" else str(self.model_dir)
-        save_peft(out, jax.device_get(self.state["lora"]), self.cfg.lora, self.mcfg, base_model_name_or_path=base)
+        save_peft(out, jax.device_get(self.state.lora), self.cfg.lora, self.mcfg, base_model_name_or_path=base)
         self.log(f"PEFT adapter written to {out}")
         return out
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -893,7 +671,9 @@ def help_defaults(argv: Sequence[str]) -> tuple[TrainConfig, str]:
     try:
         cfg, note = build_config(argv)
     except JsdrError as e:
-        return C.from_dict(TrainConfig, C.METHOD_DEFAULTS["opsd"]), f"defaults of --method=opsd ({e} in the rest)"
+        default = TrainConfig().method
+        return (config.from_dict(TrainConfig, methods.get(default).defaults),
+                f"defaults of --method={default} ({e} in the rest)")
     src = note or (f"--config {_config_arg(argv)}" if _config_arg(argv) else "the paper's method defaults")
     return cfg, f"--method={cfg.method}, {src}" + (", and the options given" if argv else "")
 
@@ -918,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.split("\n\n")[0])
         print(f"\nOptions, with the defaults that apply here ({where}); `--config FILE.yaml` and --key=value "
               f"override them:")
-        print(C.help_text(TrainConfig, defaults=cfg))
+        print(config.help_text(TrainConfig, defaults=cfg))
         return 0
     trainer = None
     try:

@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# runnable from a checkout without `pip install -e .`: jsdr from the repository root, jsdr_kernels
+# from kernels/ (its source root; see docs/attention.md)
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_REPO), str(_REPO / "kernels")]
 
 GPU_LENGTHS = "1024,2048,4096,8192,16384"
 CPU_LENGTHS = "128,256"
@@ -77,8 +80,8 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from jsdr.model import attention as A
-    from kernels import flash_attention as F
+    from jsdr.model import attention as attn
+    from jsdr_kernels import flash_attention as flash
 
     on_gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]
@@ -87,7 +90,7 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     B, H, K, D = args.batch, args.heads, args.kv_heads, args.head_dim
 
-    bs = F.default_block_sizes(D)
+    bs = flash.default_block_sizes(D)
     over = {f: getattr(args, f) for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq",
                                           "block_k_dq", "num_warps", "num_stages") if getattr(args, f) is not None}
     bs = dataclasses.replace(bs, **over)
@@ -105,11 +108,11 @@ def main(argv=None):
 
     def attn_fn(impl):
         if impl == "pallas":
-            return lambda q, k, v, s: F.flash_attention(q, k, v, s, s, 0, causal=args.causal, block_sizes=bs)
+            return lambda q, k, v, s: flash.flash_attention(q, k, v, s, s, 0, causal=args.causal, block_sizes=bs)
         if impl == "cudnn_causal":
             return lambda q, k, v, s: jax.nn.dot_product_attention(q, k, v, is_causal=args.causal,
                                                                    implementation="cudnn")
-        return lambda q, k, v, s: A.attention(q, k, v, s, s, 0, args.causal, impl=impl)
+        return lambda q, k, v, s: attn.attention(q, k, v, s, s, 0, args.causal, impl=impl)
 
     rows = []
     for T in lengths:

@@ -20,6 +20,11 @@ reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure.
 
     python scripts/bench_forward.py                     # ~2-3 min on 2 CPU cores
     python scripts/bench_forward.py --hidden 1024 --layers 16 --batch 8 --seq 512   # bigger, GPU
+    python scripts/bench_forward.py --baseline /tmp/jsdr-old   # jsdr against another jsdr checkout
+
+With --baseline DIR the peer is jsdr as found in DIR (for example `git archive <commit>` unpacked
+there) instead of transformers, measured the same way, turn by turn: a before/after comparison of a
+change on a noisy machine.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--baseline", default="", help="peer = jsdr from this source tree (its scripts/bench_forward.py) "
+                                                  "instead of transformers")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "<framework>:<mode>:<model dir>"
     return p.parse_args(argv)
 
@@ -156,8 +163,8 @@ def setup_jax(args, mode, model_dir):
     import jax
     import jax.numpy as jnp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jsdr.model import hf, lora as LR
-    from jsdr.model import transformer as T
+    from jsdr.model import hf, lora as lora_lib
+    from jsdr.model import transformer
 
     params, cfg, _ = hf.load_params(model_dir)
     data = jnp.asarray(batch(args), jnp.int32)
@@ -173,19 +180,19 @@ def setup_jax(args, mode, model_dir):
     out = {"device": str(jax.devices()[0].platform), "cpus": len(os.sched_getaffinity(0))
            if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     if mode == "forward":
-        fn = jax.jit(lambda p: T.forward(p, inp, pos, seg, cfg))
+        fn = jax.jit(lambda p: transformer.forward(p, inp, pos, seg, cfg))
         fargs = (params,)
     elif mode == "fwdbwd_full":
-        fn = jax.jit(jax.value_and_grad(lambda p: ce(T.forward(p, inp, pos, seg, cfg))))
+        fn = jax.jit(jax.value_and_grad(lambda p: ce(transformer.forward(p, inp, pos, seg, cfg))))
         fargs = (params,)
         out["trainable"] = cfg.num_params()
     else:
-        lc = LR.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(TARGETS))
-        lora = LR.init_lora(cfg, lc, jax.random.key(0))
+        lc = lora_lib.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(TARGETS))
+        lora = lora_lib.init_lora(cfg, lc, jax.random.key(0))
         # the base is an argument of the jitted step but not of differentiation
-        fn = jax.jit(lambda p, lo: jax.value_and_grad(lambda l_: ce(T.forward(p, inp, pos, seg, cfg, l_, lc.scale)))(lo))
+        fn = jax.jit(lambda p, lo: jax.value_and_grad(lambda l_: ce(transformer.forward(p, inp, pos, seg, cfg, l_, lc.scale)))(lo))
         fargs = (params, lora)
-        out["trainable"] = LR.count_params(lora)
+        out["trainable"] = lora_lib.count_params(lora)
     t = time.perf_counter()
     compiled = fn.lower(*fargs).compile()
     out["compile_s"] = time.perf_counter() - t
@@ -281,7 +288,7 @@ def build_model(args, out_dir):
 def worker_argv(args) -> list[str]:
     out = []
     for k, v in vars(args).items():
-        if k in ("worker", "json", "modes"):
+        if k in ("worker", "json", "modes", "baseline"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -317,8 +324,10 @@ def main(argv=None):
             t = time.perf_counter()
             workers = {}
             for fw in ("jax", "torch"):  # set up one after the other (compilation is not timed here)
-                workers[fw] = Worker([sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{mode}:{tmp}"]
-                                     + worker_argv(args))
+                script, worker = os.path.abspath(__file__), f"{fw}:{mode}:{tmp}"
+                if fw == "torch" and args.baseline:  # the peer: jsdr of the baseline tree
+                    script, worker = str(Path(args.baseline) / "scripts" / "bench_forward.py"), f"jax:{mode}:{tmp}"
+                workers[fw] = Worker([sys.executable, script, "--worker", worker] + worker_argv(args))
                 workers[fw].ready()
             for r in range(args.repeats):  # alternate which goes first
                 for fw in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
@@ -332,8 +341,9 @@ def main(argv=None):
             print(f"  {mode:12s} done in {time.perf_counter() - t:.0f}s", flush=True)
 
     j0, t0 = results.get(("jax", modes[0]), {}), results.get(("torch", modes[0]), {})
-    print(f"\njsdr: jax {__import__('jax').__version__} on {j0.get('device')} ({j0.get('cpus')} cpus); "
-          f"peer: torch on {t0.get('device')} ({t0.get('threads')} threads, attention {t0.get('attn')})")
+    peer = f"jsdr of {args.baseline}" if args.baseline else \
+        f"torch on {t0.get('device')} ({t0.get('threads')} threads, attention {t0.get('attn')})"
+    print(f"\njsdr: jax {__import__('jax').__version__} on {j0.get('device')} ({j0.get('cpus')} cpus); peer: {peer}")
     hdr = f"{'measurement':<14}{'jsdr tok/s':>12}{'peer tok/s':>12}{'ratio':>7}{'best ratio':>11}{'compile s':>10}" \
           f"{'jsdr peak':>11}{'peer peak':>11}{'xla temp':>10}{'trainable':>12}{'loss jsdr/peer':>17}"
     print(hdr)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsdr import losses as L
+from jsdr import losses
 
 
 def naive_opsd_head_loss(hs, ht, y, mask, w, cfg):
@@ -48,7 +48,7 @@ def temp_bytes(fn, B, N, E, V, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--chunk", type=int, default=L.DEFAULT_CHUNK)
+    ap.add_argument("--chunk", type=int, default=losses.DEFAULT_CHUNK)
     ap.add_argument("--rollout", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=2048)
@@ -56,12 +56,12 @@ def main():
     a = ap.parse_args()
     dtype = jnp.dtype(a.dtype)
     shape = (a.batch, a.rollout, a.hidden, a.vocab)
-    base = L.OPSDConfig(beta=0.5, clip_tau=0.05)
+    base = losses.OPSDConfig(beta=0.5, clip_tau=0.05)
     rows = {
         "naive": lambda hs, ht, y, m, w: naive_opsd_head_loss(hs, ht, y, m, w, base),
-        "unchunked": lambda hs, ht, y, m, w: L.opsd_head_loss(hs, ht, y, m, w, base.__class__(
+        "unchunked": lambda hs, ht, y, m, w: losses.opsd_head_loss(hs, ht, y, m, w, base.__class__(
             beta=0.5, clip_tau=0.05, chunk_size=None))[0],
-        "chunked": lambda hs, ht, y, m, w: L.opsd_head_loss(hs, ht, y, m, w, base.__class__(
+        "chunked": lambda hs, ht, y, m, w: losses.opsd_head_loss(hs, ht, y, m, w, base.__class__(
             beta=0.5, clip_tau=0.05, chunk_size=a.chunk))[0],
     }
     print(f"OPSD head loss+grad, B={a.batch} N={a.rollout} E={a.hidden} V={a.vocab} {a.dtype}, "

@@ -59,6 +59,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from jsdr.model import hf
+    from jsdr.model.transformer import Model
     from jsdr.sampling import Sampler, SamplingConfig
 
     if args.torch_threads > 0:
@@ -85,7 +86,7 @@ def main(argv=None):
           f"threads={torch.get_num_threads()}")
 
     # ---- jsdr
-    sampler = Sampler(cfg, pad_id=0, prompt_buckets=(args.prompt,))
+    sampler = Sampler(Model(cfg), pad_id=0, prompt_buckets=(args.prompt,))
 
     def make_sc(seed):
         return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -30,15 +30,15 @@ METHODS = ("sft", "grpo", "opsd")
 
 def run_one(method: str, seed: int, out: Path, steps: int | None, eval_every: int, extra: list[str],
             split: str = "test") -> dict:
-    from jsdr import train as TR
+    from jsdr import train
     run_dir = out / f"{method}-seed{seed}"
     args = [f"--method={method}", f"--seed={seed}", f"--train.output_dir={run_dir}", "--train.overwrite=true",
             f"--train.eval_every={eval_every}", f"--data.eval=toy:{split}"]
     if steps is not None:
         args.append(f"--train.steps={steps}")
-    cfg, _ = TR.build_config(args + [f"--{e}" for e in extra])
+    cfg, _ = train.build_config(args + [f"--{e}" for e in extra])
     t0 = time.time()
-    trainer = TR.Trainer(cfg, progress=True, log=lambda *a: print(*a, file=sys.stderr))
+    trainer = train.Trainer(cfg, progress=True, log=lambda *a: print(*a, file=sys.stderr))
     summary = trainer.run()
     wall = time.time() - t0
     curve = [(0, 0, summary["eval/accuracy_before"])]

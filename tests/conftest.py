@@ -35,7 +35,7 @@ def toy_tiny_assets(tmp_path_factory):
     a thinking switch) and `train.jsonl` (32 toy problems with solutions and answers)."""
     import json
 
-    from jsdr.data import toy
+    from jsdr import toy
     d = tmp_path_factory.mktemp("toy_tiny")
     tok = toy.build_tokenizer(out_dir=d / "model")
     build_tiny_model("qwen3", d / "model", vocab_size=len(tok), tie_word_embeddings=True)

@@ -11,7 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jsdr.data import datasets as D
+from jsdr.config import ConfigError, load
 from jsdr.data import prompts as P
+from jsdr.train import TrainConfig
 
 # A Qwen3-like chat template: thinking off writes an empty think block after the assistant header.
 QWEN3_LIKE_TEMPLATE = (
@@ -122,10 +124,12 @@ def test_template_overrides_and_placeholders(tok):
     assert text.startswith("<|im_start|>system\nYou are a careful solver.<|im_end|>\n"
                            "<|im_start|>user\nQ: x A:<|im_end|>")
     assert P.STUDENT_TEMPLATE == "Problem: {problem}\n\n" + INSTR
-    with pytest.raises(P.PromptError, match=r"prompts.teacher.*\{solution\}"):
+    with pytest.raises(ConfigError, match=r"^teacher: .*\{solution\}"):
         P.PromptTemplates(teacher="{problem} only")
-    with pytest.raises(P.PromptError, match=r"prompts.student.*\{problem\}"):
+    with pytest.raises(ConfigError, match=r"^student: .*\{problem\}"):
         P.PromptTemplates(student="no placeholder")
+    with pytest.raises(ConfigError, match=r"^prompts.student: .*\{problem\}"):  # from a config: the option's name
+        load(TrainConfig, None, ["--prompts.student=no placeholder"])
 
 
 def test_missing_chat_template_is_a_clear_error():
@@ -354,7 +358,7 @@ def test_benchmark_registry_and_local_copies(tmp_path):
 
 
 def test_stop_token_ids_of_a_chat_tokenizer():
-    from jsdr.data import toy
+    from jsdr import toy
     from jsdr.data.prompts import stop_token_ids
     tok = toy.build_tokenizer()
     im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")

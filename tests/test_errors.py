@@ -30,7 +30,7 @@ def _raises(exc_type, fn, *args, contains=(), **kw) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen3 (config.json + model.safetensors) with a tokenizer."""
-    from jsdr.data import toy
+    from jsdr import toy
     d = tmp_path_factory.mktemp("err_model")
     tok = toy.build_tokenizer(vocab_size=300, out_dir=d)
     build_tiny_model("qwen3", d, vocab_size=len(tok))
@@ -191,7 +191,7 @@ def test_truncated_adapter(tmp_path, adapter):
     ("[1, 2]", "expected a JSON object"),
     ('{"peft_type": "LORA", "r": 4}', "missing field 'lora_alpha'"),
     ('{"r": 4, "lora_alpha": 8}', "missing field 'target_modules'"),
-    ('{"r": "four", "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}', "rank='four'"),
+    ('{"r": "four", "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}', "rank: must be a positive integer (got 'four')"),
     ('{"r": 4, "lora_alpha": 8, "lora_dropout": "x", "target_modules": ["q_proj", "v_proj"]}', "dropout"),
     ('{"r": 4, "lora_alpha": 8, "target_modules": [1, 2]}', "not a list of module names"),
     ('{"r": 4, "lora_alpha": 8, "target_modules": "q_proj("}', "not a valid regex"),

@@ -9,7 +9,7 @@ import pytest
 
 from jsdr import config as C
 from jsdr import eval as EV
-from jsdr.data import toy
+from jsdr import toy
 from jsdr.data.rewards import grade
 from jsdr.errors import RunError
 from jsdr.model import hf
@@ -381,3 +381,17 @@ def test_output_dir_placeholders():
     assert EV.output_dir_of(cfg, key) == Path(f"out/Qwen3-4B/_{EV.key_hash(key)}")
     with pytest.raises(C.ConfigError, match=r"output_dir: 'x/\{foo\}' is not a valid pattern"):
         EV.parse_args(["--output_dir=x/{foo}"])
+
+
+def test_eval_prompt_text_is_the_student_prompt_with_thinking_on():
+    """Table 5 evaluates in thinking mode: the exact text of an eval prompt (the toy chat template
+    inserts an empty think block only when thinking is off)."""
+    from jsdr.data.prompts import INSTRUCTION
+    tok = toy.build_tokenizer()
+    assert EV.EvalConfig().thinking is True
+    items = [("b", 0, {"problem": "Start at 0. Add 3.", "answer": "3"})]
+    text = tok.decode(EV._render_prompts(tok, items, EV.EvalConfig().thinking)[0])
+    assert text == ("<|im_start|>user\nProblem: Start at 0. Add 3.\n\n" + INSTRUCTION
+                    + "<|im_end|>\n<|im_start|>assistant\n")
+    off = tok.decode(EV._render_prompts(tok, items, False)[0])
+    assert off == text + "<think>\n\n</think>\n\n"

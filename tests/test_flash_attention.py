@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from jsdr import sharding
-from jsdr.model import attention as A
+from jsdr.model import attention as attn
 from jsdr.model import hf
-from jsdr.model import transformer as TF
-from kernels import flash_attention as F
+from jsdr.model import transformer
+from jsdr_kernels import flash_attention as flash
 
 F32_TOL = 1e-5   # max abs diff relative to max(1, max |reference|)
 BF16_TOL = 1e-2  # bfloat16 inputs vs the float32 reference on the same inputs (measured <= 4.6e-3)
 
-SMALL = F.BlockSizes(16, 16, 16, 16, 16, 16)
-MIXED = F.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
+SMALL = flash.BlockSizes(16, 16, 16, 16, 16, 16)
+MIXED = flash.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
 
 
 def _segments(kind: str, B: int, L: int, rs) -> np.ndarray:
@@ -64,13 +64,13 @@ def _vjp(fn, q, k, v, do):
 def _run_all(q, k, v, do, qseg, kseg, q_offset, causal, block_sizes, traced_offset=False):
     """(pallas, reference, xla) tuples of (out, dq, dk, dv) as float32 numpy."""
     def pallas(off, q, k, v):
-        return F.flash_attention(q, k, v, qseg, kseg, off, causal=causal, block_sizes=block_sizes)
+        return flash.flash_attention(q, k, v, qseg, kseg, off, causal=causal, block_sizes=block_sizes)
 
     def ref(q, k, v):
-        return F.reference_attention(q, k, v, qseg, kseg, q_offset, causal=causal)
+        return flash.reference_attention(q, k, v, qseg, kseg, q_offset, causal=causal)
 
     def xla(q, k, v):
-        return A.attention(q, k, v, qseg, kseg, q_offset, causal, impl="xla")
+        return attn.attention(q, k, v, qseg, kseg, q_offset=q_offset, causal=causal, impl="xla")
 
     if traced_offset:
         p = jax.jit(lambda off, *a: _vjp(functools.partial(pallas, off), *a))(jnp.int32(q_offset), q, k, v, do)
@@ -112,7 +112,7 @@ def test_matches_reference_and_xla_f32(case):
         err_x = _rel_err(a, xl)
         assert err_x <= F32_TOL, f"{name}: {what} differs from impl='xla' by {err_x:.2e} (relative)"
     # queries that see no key (padding) return exactly zero and get zero gradient
-    blind = ~np.asarray(A.make_mask(qseg, kseg, off, causal)).any(-1)
+    blind = ~np.asarray(attn.make_mask(qseg, kseg, off, causal)).any(-1)
     assert np.abs(p[0][blind]).max(initial=0) == 0 and np.abs(p[1][blind]).max(initial=0) == 0
     if "left" in seg and off == 0:
         assert blind.any(), f"{name}: the grid should contain rows that see nothing"
@@ -139,10 +139,10 @@ def test_bfloat16_within_tolerance(case):
 
 
 def test_dispatch_registers_pallas():
-    assert "pallas" in A.available()
+    assert "pallas" in attn.available()
     q, k, v, do, qseg, kseg = _inputs(2, 20, 20, 4, 2, 16, jnp.float32, "left+packed", seed=3)
-    a = A.attention(q, k, v, qseg, kseg, 0, True, impl="pallas", scale=0.3)
-    b = A.attention(q, k, v, qseg, kseg, 0, True, impl="xla", scale=0.3)
+    a = attn.attention(q, k, v, qseg, kseg, q_offset=0, causal=True, impl="pallas", scale=0.3)
+    b = attn.attention(q, k, v, qseg, kseg, q_offset=0, causal=True, impl="xla", scale=0.3)
     assert _rel_err(np.asarray(a), np.asarray(b)) <= F32_TOL
 
 
@@ -156,26 +156,31 @@ def test_cache_kv_layout_matches_reference(impl):
         kc, vc = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
         def cached(off, q, kc, vc):
-            return A.attention(q, kc, vc, qseg, kseg, off, True, impl=impl, kv_layout="cache")
+            return attn.attention(q, kc, vc, qseg, kseg, q_offset=off, causal=True, impl=impl, kv_layout="cache")
 
         p = jax.jit(lambda off, *a: _vjp(functools.partial(cached, off), *a))(jnp.int32(off), q, kc, vc, do)
-        r = _vjp(lambda q, k, v: F.reference_attention(q, k, v, qseg, kseg, off, causal=True), q, k, v, do)
+        r = _vjp(lambda q, k, v: flash.reference_attention(q, k, v, qseg, kseg, off, causal=True), q, k, v, do)
         p = (p[0], p[1], p[2].transpose(0, 3, 1, 2), p[3].transpose(0, 2, 1, 3))  # grads back to [B,S,K,D]
         for what, a, ref in zip(("out", "dq", "dk", "dv"), p, r):
             err = _rel_err(np.asarray(a), np.asarray(ref))
             assert err <= F32_TOL, f"{impl} T={T} {what}: {err:.2e}"
     with pytest.raises(ValueError, match="kv_layout 'bksd' unknown"):
-        A.attention(q, k, v, qseg, kseg, 0, True, kv_layout="bksd")
+        attn.attention(q, k, v, qseg, kseg, q_offset=0, causal=True, kv_layout="bksd")
 
 
-def test_sharded_mesh_matches_reference():
-    """Under use_mesh the kernel runs in shard_map: batch over data x fsdp, heads over tensor."""
+@pytest.mark.parametrize("H,K,T,S,off", [(4, 2, 24, 24, 0), (4, 1, 9, 24, 15)], ids=["heads_split", "kv1_offset"])
+def test_sharded_mesh_matches_reference(H, K, T, S, off):
+    """Under use_mesh jsdr.model.attention runs the kernel in shard_map: batch over data x fsdp, heads
+    over tensor when both H and K split (else replicated: K=1 below); q_offset traced (cache-style)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-    q, k, v, do, qseg, kseg = _inputs(4, 24, 24, 4, 2, 16, jnp.float32, "left+packed", seed=4)
+    q, k, v, do, qseg, kseg = _inputs(4, T, S, H, K, 16, jnp.float32, "left+packed", seed=4)
+
+    def sharded(off, q, k, v):
+        return attn.attention(q, k, v, qseg, kseg, q_offset=off, causal=True, impl="pallas")
+
     with sharding.use_mesh(mesh):
-        p = jax.jit(lambda *a: _vjp(lambda q, k, v: A.attention(q, k, v, qseg, kseg, 0, True, impl="pallas"),
-                                    *a))(q, k, v, do)
-    r = _vjp(lambda q, k, v: F.reference_attention(q, k, v, qseg, kseg, 0, causal=True), q, k, v, do)
+        p = jax.jit(lambda off, *a: _vjp(functools.partial(sharded, off), *a))(jnp.int32(off), q, k, v, do)
+    r = _vjp(lambda q, k, v: flash.reference_attention(q, k, v, qseg, kseg, off, causal=True), q, k, v, do)
     for what, a, ref in zip(("out", "dq", "dk", "dv"), p, r):
         err = _rel_err(np.asarray(a), np.asarray(ref))
         assert err <= F32_TOL, f"sharded {what}: {err:.2e}"
@@ -198,12 +203,12 @@ def test_model_logits_and_lora_grads_match_xla(qwen3_tiny):
     seg[0, :6] = 0               # left padding
     seg[1, 9:] = 2               # two packed sequences
     seg = jnp.asarray(seg)
-    pos = TF.positions_from_segments(seg)
+    pos = transformer.positions_from_segments(seg)
     w = jnp.asarray(rs.randn(B, T, cfg.vocab_size), jnp.float32) * (seg != 0)[..., None]
 
     def run(impl):
         def loss(lo):
-            logits = TF.forward(params, tokens, pos, seg, cfg, lo, 2.0, attn_impl=impl)
+            logits = transformer.forward(params, tokens, pos, seg, cfg, lo, 2.0, attn_impl=impl)
             return jnp.sum(logits * w), logits
         (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
         return np.asarray(logits), g
@@ -223,13 +228,13 @@ def test_model_logits_and_lora_grads_match_xla(qwen3_tiny):
 def test_lowers_to_triton_for_cuda(dtype, H, K, D, kind):
     """Forward and backward lower through Pallas' Triton backend (lowering only: no GPU here)."""
     B, T = 1, 300
-    bs = F.default_block_sizes(D, kind)
+    bs = flash.default_block_sizes(D, kind)
     q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     kv = jax.ShapeDtypeStruct((B, T, K, D), dtype)
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
     def loss(q, k, v, s, off):
-        o = F.flash_attention(q, k, v, s, s, off, causal=True, block_sizes=bs, interpret=False)
+        o = flash.flash_attention(q, k, v, s, s, off, causal=True, block_sizes=bs, interpret=False)
         return o.astype(jnp.float32).sum()
 
     off = jax.ShapeDtypeStruct((), jnp.int32)
@@ -239,25 +244,25 @@ def test_lowers_to_triton_for_cuda(dtype, H, K, D, kind):
 
 
 def test_block_size_tables_and_validation():
-    h = F.default_block_sizes(128, "NVIDIA H100 80GB HBM3")
-    a = F.default_block_sizes(128, "NVIDIA A100-SXM4-40GB")
-    assert F.gpu_generation("NVIDIA H100 80GB HBM3") == "hopper"
-    assert F.gpu_generation("NVIDIA A100-SXM4-40GB") == "ampere"
+    h = flash.default_block_sizes(128, "NVIDIA H100 80GB HBM3")
+    a = flash.default_block_sizes(128, "NVIDIA A100-SXM4-40GB")
+    assert flash.gpu_generation("NVIDIA H100 80GB HBM3") == "hopper"
+    assert flash.gpu_generation("NVIDIA A100-SXM4-40GB") == "ampere"
     assert h != a and h.num_warps == 8
-    assert F.default_block_sizes(48, "NVIDIA H100 PCIe") == F.default_block_sizes(64, "NVIDIA H100 PCIe")
-    assert F.default_block_sizes(64) == F._INTERPRET_DEFAULT  # CPU
+    assert flash.default_block_sizes(48, "NVIDIA H100 PCIe") == flash.default_block_sizes(64, "NVIDIA H100 PCIe")
+    assert flash.default_block_sizes(64) == flash._INTERPRET_DEFAULT  # CPU
     with pytest.raises(ValueError, match="block_k=48"):
-        F.BlockSizes(block_k=48)
+        flash.BlockSizes(block_k=48)
     with pytest.raises(ValueError, match="block_q=8"):
-        F.BlockSizes(block_q=8)
+        flash.BlockSizes(block_q=8)
 
 
 def test_shape_errors_name_the_problem():
     q = jnp.zeros((1, 8, 3, 16))
     k = jnp.zeros((1, 8, 2, 16))
     with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
-        F.flash_attention(q, k, k)
+        flash.flash_attention(q, k, k)
     with pytest.raises(ValueError, match="q_segment_ids shape"):
-        F.flash_attention(q[:, :, :2], k, k, jnp.ones((1, 7), jnp.int32), jnp.ones((1, 8), jnp.int32))
+        flash.flash_attention(q[:, :, :2], k, k, jnp.ones((1, 7), jnp.int32), jnp.ones((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="must both be"):
-        F.flash_attention(q[:, :, :2], k, k[..., :8])
+        flash.flash_attention(q[:, :, :2], k, k[..., :8])

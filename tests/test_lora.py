@@ -3,6 +3,7 @@
 References are `peft` + `transformers` in float32 on the tiny random models of tests/tiny_models.py.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from jsdr import sharding
+from jsdr.config import ConfigError
 from jsdr.model import hf, lora as LR
-from jsdr.model import transformer as T
+from jsdr.model import transformer
 from tests.tiny_models import build_tiny_model, jsdr_logits, left_padded_batch, logit_tol, torch_logits
 
 B, L = 3, 20
@@ -79,16 +81,35 @@ def test_config_scale_and_validation():
     assert LR.LoraConfig(rank=16, alpha=32, use_rslora=True).scale == pytest.approx(32 / 4)
     assert LR.LoraConfig(target_modules=["down_proj", "q_proj", "q_proj"]).target_modules == ("q_proj", "down_proj")
     assert LR.LoraConfig(target_modules="all-linear").target_modules == LR.ALL_TARGETS
-    with pytest.raises(ValueError, match=r"target_modules \['qkv_proj'\] unknown"):
+    assert LR.LoraConfig(target_modules=("all-linear",)).target_modules == LR.ALL_TARGETS
+    with pytest.raises(ConfigError, match=r"target_modules: \['qkv_proj'\] unknown"):
         LR.LoraConfig(target_modules=("q_proj", "qkv_proj"))
-    with pytest.raises(ValueError, match="rank=0 must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"rank: must be a positive integer \(got 0\)"):
         LR.LoraConfig(rank=0)
-    with pytest.raises(ValueError, match="rank=-2"):
+    with pytest.raises(ConfigError, match="got -2"):
         LR.LoraConfig(rank=-2)
-    with pytest.raises(ValueError, match="dropout=1.0"):
+    with pytest.raises(ConfigError, match=r"dropout: must be in \[0, 1\) \(got 1.0\)"):
         LR.LoraConfig(dropout=1.0)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         LR.LoraConfig(target_modules=())
+    with pytest.raises(ConfigError, match="all-linear stands for all seven"):
+        LR.LoraConfig(target_modules=("all-linear", "q_proj"))
+
+
+def test_config_fields_have_help_and_choices_from_the_command_line():
+    """The help texts sit on the fields; target_modules is a Literal, so --help lists the choices and a
+    typo is rejected by the loader (naming the option)."""
+    import typing
+
+    from jsdr.config import from_dict
+    for f in dataclasses.fields(LR.LoraConfig):
+        assert f.metadata.get("help"), f.name
+    choices = typing.get_args(typing.get_args(typing.get_type_hints(LR.LoraConfig)["target_modules"])[0])
+    assert choices == ("all-linear",) + LR.ALL_TARGETS
+    assert from_dict(LR.LoraConfig, {"target_modules": "q_proj,down_proj"}).target_modules == ("q_proj", "down_proj")
+    assert from_dict(LR.LoraConfig, {"target_modules": "all-linear"}).target_modules == LR.ALL_TARGETS
+    with pytest.raises(ConfigError, match="target_modules"):
+        from_dict(LR.LoraConfig, {"target_modules": "q_prj"})
 
 
 def test_axes_shapes_and_param_count_equal_peft(qwen3):
@@ -116,7 +137,7 @@ def test_init_matches_peft_distribution_and_zero_delta_is_bit_identical(qwen3):
     lora = LR.init_lora(cfg, lc, jax.random.key(1))
     pm = get_peft_model(build_tiny_model("qwen3"), PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     for name in ("q_proj", "down_proj"):
-        block = LR.TARGETS[name][0]
+        block = LR.TARGETS[name].block
         a = np.asarray(lora["layers"][block][name]["lora_a"])
         ref = getattr(getattr(pm.base_model.model.model.layers[0], block), name).lora_A["default"].weight
         ref = ref.detach().numpy()
@@ -258,10 +279,10 @@ def test_gradients_only_for_lora_and_equal_peft(qwen3, tmp_path):
     lora = random_lora(cfg, lc, seed=9, std=0.05)
     tokens, seg = _batch(10)
     w = np.random.RandomState(11).normal(size=(B, L, cfg.vocab_size)).astype(np.float32) * seg[..., None]
-    pos = T.positions_from_segments(jnp.asarray(seg))
+    pos = transformer.positions_from_segments(jnp.asarray(seg))
 
     def loss(lo):  # the base tree is closed over: not an argument of differentiation
-        return jnp.sum(T.forward(params, tokens, pos, seg, cfg, lo, lc.scale) * w)
+        return jnp.sum(transformer.forward(params, tokens, pos, seg, cfg, lo, lc.scale) * w)
 
     grads = jax.jit(jax.grad(loss))(lora)
     assert jax.tree.structure(grads) == jax.tree.structure(lora)
@@ -291,10 +312,10 @@ def test_zero_init_gradients_like_peft(qwen3):
     lc = LR.LoraConfig(rank=4, alpha=8, target_modules=ATTN_SUBSET)
     lora = LR.init_lora(cfg, lc, jax.random.key(2))
     tokens, seg = _batch(12)
-    pos = T.positions_from_segments(jnp.asarray(seg))
-    g = jax.jit(jax.grad(lambda lo: T.forward(params, tokens, pos, seg, cfg, lo, lc.scale)[..., :5].sum()))(lora)
+    pos = transformer.positions_from_segments(jnp.asarray(seg))
+    g = jax.jit(jax.grad(lambda lo: transformer.forward(params, tokens, pos, seg, cfg, lo, lc.scale)[..., :5].sum()))(lora)
     for name in ATTN_SUBSET:
-        leaves = g["layers"][LR.TARGETS[name][0]][name]
+        leaves = g["layers"][LR.TARGETS[name].block][name]
         assert not np.any(np.asarray(leaves["lora_a"])) and np.all(np.abs(np.asarray(leaves["lora_b"])).max((1, 2)) > 0)
 
 
@@ -309,17 +330,17 @@ def test_dense_lora_dropout_semantics():
     p = {"kernel": jnp.asarray(rs.normal(size=(16, 16)).astype(np.float32))}
     lo = {"lora_a": jnp.eye(16), "lora_b": jnp.eye(16)}
     rate, scale = 0.25, 2.0
-    base = np.asarray(T.dense(x, p, None, scale))
-    y = np.asarray(T.dense(x, p, lo, scale, (rate, jax.random.key(3))))
+    base = np.asarray(transformer.dense(x, p, None, scale))
+    y = np.asarray(transformer.dense(x, p, lo, scale, (rate, jax.random.key(3))))
     delta = (y - base) / scale
     xs = np.asarray(x)
     kept = np.isclose(delta, xs / (1 - rate), rtol=1e-5, atol=1e-5)
     dropped = np.abs(delta) < 1e-5
     assert np.all(kept | dropped)
     assert abs(dropped.mean() - rate) < 0.03
-    np.testing.assert_allclose(np.asarray(T.dense(x, p, lo, scale, (0.0, jax.random.key(3)))),
-                               np.asarray(T.dense(x, p, lo, scale)), rtol=0, atol=0)
-    y2 = np.asarray(T.dense(x, p, lo, scale, (rate, jax.random.key(4))))
+    np.testing.assert_allclose(np.asarray(transformer.dense(x, p, lo, scale, (0.0, jax.random.key(3)))),
+                               np.asarray(transformer.dense(x, p, lo, scale)), rtol=0, atol=0)
+    y2 = np.asarray(transformer.dense(x, p, lo, scale, (rate, jax.random.key(4))))
     assert not np.array_equal(y, y2)
 
 
@@ -328,8 +349,8 @@ def test_forward_lora_dropout(qwen3):
     lc = LR.LoraConfig(rank=4, alpha=8, dropout=0.3)
     lora = random_lora(cfg, lc, seed=13)
     tokens, seg = _batch(14)
-    pos = T.positions_from_segments(jnp.asarray(seg))
-    fwd = jax.jit(lambda lo, key, rate: T.forward(params, tokens, pos, seg, cfg, lo, lc.scale,
+    pos = transformer.positions_from_segments(jnp.asarray(seg))
+    fwd = jax.jit(lambda lo, key, rate: transformer.forward(params, tokens, pos, seg, cfg, lo, lc.scale,
                                                   lora_dropout=(rate, key)), static_argnums=2)
     plain = _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale)
     d1, d1b, d2 = (np.asarray(fwd(lora, jax.random.key(k), lc.dropout)) for k in (0, 0, 1))
@@ -337,7 +358,7 @@ def test_forward_lora_dropout(qwen3):
     assert _masked_err(d1, plain, seg) > 100 * _tol(plain) and _masked_err(d1, d2, seg) > 100 * _tol(plain)
     # dropout never touches the base path: with a zero delta nothing changes
     zero = jax.tree.map(jnp.zeros_like, lora)
-    base = jax.jit(lambda: T.forward(params, tokens, pos, seg, cfg))()
+    base = jax.jit(lambda: transformer.forward(params, tokens, pos, seg, cfg))()
     np.testing.assert_array_equal(np.asarray(fwd(zero, jax.random.key(0), lc.dropout)), np.asarray(base))
     with pytest.raises(ValueError, match="lora_dropout rate"):
         _jsdr_logits(params, cfg, tokens, seg, lora, lc.scale, lora_dropout=(1.0, jax.random.key(0)))
@@ -356,8 +377,8 @@ def test_lora_on_mesh_same_logits(qwen3, tmp_path):
     tokens = rs.randint(0, cfg.vocab_size, (8, 16)).astype(np.int32)
     seg = np.ones_like(tokens)
     seg[2, :4] = 0
-    pos = np.asarray(T.positions_from_segments(seg))
-    ref = np.asarray(T.forward(params, tokens, pos, seg, cfg, lora, lc.scale))
+    pos = np.asarray(transformer.positions_from_segments(seg))
+    ref = np.asarray(transformer.forward(params, tokens, pos, seg, cfg, lora, lc.scale))
 
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
     sparams, _, _ = hf.load_params(str(d), mesh=mesh)
@@ -370,7 +391,7 @@ def test_lora_on_mesh_same_logits(qwen3, tmp_path):
     assert init["layers"]["mlp"]["up_proj"]["lora_b"].sharding.spec == P(None, None, "tensor")
     with sharding.use_mesh(mesh):
         batch = sharding.shard_batch({"tokens": tokens, "pos": pos, "seg": seg}, mesh)
-        fwd = jax.jit(lambda p, lo, b: T.forward(p, b["tokens"], b["pos"], b["seg"], cfg, lo, lc.scale))
+        fwd = jax.jit(lambda p, lo, b: transformer.forward(p, b["tokens"], b["pos"], b["seg"], cfg, lo, lc.scale))
         out = fwd(sparams, slora, batch)
         merged = jax.jit(LR.merge, static_argnums=2)(sparams, slora, lc.scale)
         out_m = fwd(merged, None, batch)
@@ -407,13 +428,13 @@ def test_errors_for_adapters_that_do_not_fit(qwen3, qwen2, tmp_path):
                      cfg)
     with pytest.raises(E, match=r"lm_head"):
         LR.load_peft(_edit_config(src, tmp_path / "tgt3", target_modules=".*(q_proj|lm_head)"), cfg)
-    small = T.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
+    small = transformer.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, qk_norm=True)
     with pytest.raises(E, match=r"q_proj\.lora_A\.weight has shape \(4, 64\), expected \(4, 32\) \(wrong shape.*"
                                 r"hidden=32"):
         LR.load_peft(src, small)
     with pytest.raises(E, match=r"layer 1, but the model has 1 layers"):
-        LR.load_peft(src, T.ModelConfig(**{**cfg.__dict__, "num_layers": 1}))
+        LR.load_peft(src, transformer.ModelConfig(**{**cfg.__dict__, "num_layers": 1}))
     with pytest.raises(E, match=r"made for a Qwen3ForCausalLM, the model is a Qwen2ForCausalLM"):
         LR.load_peft(src, qwen2[3])
     with pytest.raises(E, match=r"base model 'org/Qwen3-tiny' does not match '/models/Llama-3.2-1B'"):

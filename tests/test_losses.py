@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from jsdr import losses as L
+from jsdr.data import batches
 from jsdr.losses import divergence as D
 from jsdr.model import hf
+from jsdr.model.transformer import Model
+from jsdr.train import TrainConfig
 
 torch.set_default_dtype(torch.float64)
 
@@ -287,7 +290,7 @@ GRPO_CASES.append(dict(aggregation="dr_grpo", beta=0.0, max_completion_length=20
 @pytest.mark.parametrize("case", GRPO_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_grpo_head_matches_reference(head_inputs, case):
     hs, h_ref, w, y, mask = head_inputs
-    cfg = L.GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, temperature=1.2, chunk_size=CHUNK, **case)
+    cfg = L.GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, chunk_size=CHUNK, **case)
     rs = np.random.RandomState(2)
     with torch.no_grad():
         cur = ref_logp(_t(hs), _t(w), y, 1.2).numpy()
@@ -335,47 +338,23 @@ def test_grpo_edge_cases(head_inputs):
 # SFT
 
 
-def test_pack_sft_examples():
-    ex = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9]), ([10, 11], [12]), ([13, 14, 15, 16], [17, 18, 19])]
-    b = L.pack_sft_examples(ex, 8)
-    # first fit: row 0 = ex0 (5) + ex2 (3); row 1 = ex1 (4); row 2 = ex3 (7)
-    assert b["tokens"].shape == (3, 8)
-    np.testing.assert_array_equal(b["tokens"][0], [1, 2, 3, 4, 5, 10, 11, 12])
-    np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 0, 1, 2])
-    np.testing.assert_array_equal(b["targets"][0], [2, 3, 4, 5, 0, 11, 12, 0])
-    np.testing.assert_array_equal(b["mask"][0], [0, 0, 1, 1, 0, 0, 1, 0])
-    np.testing.assert_array_equal(b["tokens"][1], [6, 7, 8, 9, 0, 0, 0, 0])
-    np.testing.assert_array_equal(b["segment_ids"][1], [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(b["mask"][1], [1, 1, 1, 0, 0, 0, 0, 0])
-    # every masked target is a response token, every response token but none of the prompt is a target
-    for row in range(3):
-        got = b["targets"][row][b["mask"][row] > 0].tolist()
-        assert got == sum((r for (p, r) in ex if set(r) & set(got)), [])
-    assert L.pack_sft_examples(ex, 8, num_rows=5)["tokens"].shape == (5, 8)
-    with pytest.raises(ValueError, match="example 3"):
-        L.pack_sft_examples(ex, 6)
-    with pytest.raises(ValueError, match="num_rows=2"):
-        L.pack_sft_examples(ex, 8, num_rows=2)
-
-
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 def test_sft_head_matches_reference(reduction):
     rs = np.random.RandomState(3)
     ex = [(rs.randint(1, V, rs.randint(1, 5)).tolist(), rs.randint(1, V, rs.randint(1, 6)).tolist())
           for _ in range(6)]
-    b = L.pack_sft_examples(ex, 12)
-    h = rs.randn(*b["tokens"].shape, E).astype(np.float32)
+    b = batches.pack_sft_examples(ex, 12)
+    h = rs.randn(*b.tokens.shape, E).astype(np.float32)
     w = (0.4 * rs.randn(E, V)).astype(np.float32)
     cfg = L.SFTConfig(reduction=reduction, chunk_size=5)
 
     # reference: per example, cross-entropy of its response tokens
     h_t = _t(h).requires_grad_(True)
-    ce = -ref_logp(h_t, _t(w), b["targets"])
+    ce = -ref_logp(h_t, _t(w), b.targets)
     per_ex = []
-    for row in range(b["tokens"].shape[0]):
-        for s in set(b["segment_ids"][row].tolist()) - {0}:
-            sel = (b["segment_ids"][row] == s) & (b["mask"][row] > 0)
+    for row in range(b.tokens.shape[0]):
+        for s in set(b.segment_ids[row].tolist()) - {0}:
+            sel = (b.segment_ids[row] == s) & (b.mask[row] > 0)
             if sel.any():
                 per_ex.append(ce[row][torch.tensor(sel)])
     if reduction == "token":
@@ -384,13 +363,13 @@ def test_sft_head_matches_reference(reduction):
         want = torch.stack([x.mean() for x in per_ex]).mean()
     assert sum(len(x) for x in per_ex) == sum(len(r) - (1 if not p else 0) for p, r in ex)
     want.backward()
-    f = lambda h_: L.sft_head_loss(h_, b["targets"], b["mask"], b["segment_ids"], jnp.asarray(w), cfg)
+    f = lambda h_: L.sft_head_loss(h_, b.targets, b.mask, b.segment_ids, jnp.asarray(w), cfg)
     (loss, m), g = jax.jit(jax.value_and_grad(f, has_aux=True))(h)
     _close(loss, want.item(), what="loss")
     _close(g, h_t.grad.numpy(), rtol=5e-5, what="grad")
-    zero = np.zeros_like(b["mask"])
+    zero = np.zeros_like(b.mask)
     (loss0, _), g0 = jax.jit(jax.value_and_grad(
-        lambda h_: L.sft_head_loss(h_, b["targets"], zero, b["segment_ids"], jnp.asarray(w), cfg), has_aux=True))(h)
+        lambda h_: L.sft_head_loss(h_, b.targets, zero, b.segment_ids, jnp.asarray(w), cfg), has_aux=True))(h)
     assert float(loss0) == 0.0 and np.all(np.asarray(g0) == 0)
 
 
@@ -399,71 +378,27 @@ def test_sft_head_matches_reference(reduction):
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match=r"OPSDConfig.beta=1.5"):
+    with pytest.raises(ValueError, match=r"^beta: 1.5 must be in \[0.0, 1.0\]"):
         L.OPSDConfig(beta=1.5)
-    with pytest.raises(ValueError, match=r"OPSDConfig.variant='topk'.*'top_k'"):
+    with pytest.raises(ValueError, match=r"^variant: 'topk'.*'top_k'"):
         L.OPSDConfig(variant="topk")
-    with pytest.raises(ValueError, match=r"OPSDConfig.teacher"):
+    with pytest.raises(ValueError, match=r"^teacher: "):
         L.OPSDConfig(teacher="frozen")
-    with pytest.raises(ValueError, match=r"OPSDConfig.clip_tau"):
+    with pytest.raises(ValueError, match=r"^clip_tau: "):
         L.OPSDConfig(variant="sampled_token", clip_tau=0.05)
-    with pytest.raises(ValueError, match=r"OPSDConfig.reduction"):
+    with pytest.raises(ValueError, match=r"^reduction: "):
         L.OPSDConfig(reduction="batch")
-    with pytest.raises(ValueError, match=r"GRPOConfig.aggregation='bnpo'"):
+    with pytest.raises(ValueError, match=r"^aggregation: 'bnpo'"):
         L.GRPOConfig(aggregation="bnpo")
-    with pytest.raises(ValueError, match=r"GRPOConfig.epsilon_low"):
+    with pytest.raises(ValueError, match=r"^epsilon_low: "):
         L.GRPOConfig(epsilon_low=1.0)
-    with pytest.raises(ValueError, match=r"SFTConfig.chunk_size"):
+    with pytest.raises(ValueError, match=r"^chunk_size: "):
         L.SFTConfig(chunk_size=0)
+    # through the loader, the message names the option as a user types it
+    from jsdr import config
+    with pytest.raises(config.ConfigError, match=r"^opsd.beta: 1.5 must be"):
+        config.from_dict(TrainConfig, {"opsd": {"beta": 1.5}})
     assert L.OPSDConfig().reduction == "sequence" and L.OPSDConfig().teacher == "fixed"
-
-
-def test_ema_update():
-    ema = {"a": jnp.ones((2, 3)), "b": {"c": jnp.zeros(4, jnp.bfloat16)}}
-    new = {"a": jnp.full((2, 3), 3.0), "b": {"c": jnp.ones(4)}}
-    out = L.ema_update(ema, new, 0.9)
-    np.testing.assert_allclose(out["a"], 0.9 * 1 + 0.1 * 3, rtol=1e-6)
-    assert out["b"]["c"].dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out["b"]["c"], np.float32), 0.1, rtol=1e-2)
-
-
-@pytest.mark.parametrize("padding", ["left", "right"])
-def test_build_opsd_batch_alignment(padding):
-    sp = [[1, 2, 3], [4, 5], [6]]
-    tp = [[7, 8, 9, 10, 11], [12], [13, 14]]
-    ro = [[20, 21, 22], [23], []]
-    b = L.build_opsd_batch(sp, tp, ro, padding=padding, rollout_len=4)
-    assert b["rollout_tokens"].shape == (3, 4)
-    np.testing.assert_array_equal(b["rollout_mask"], [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    for role, prompts in (("s", sp), ("t", tp)):
-        tok, pos, seg, idx = (b[f"{role}_{k}"] for k in ("tokens", "positions", "segment_ids", "index"))
-        for r in range(3):
-            n = len(ro[r])
-            if n == 0:
-                continue
-            # the first rollout token is predicted by the last prompt position of the role
-            assert tok[r, idx[r, 0]] == prompts[r][-1]
-            assert pos[r, idx[r, 0]] == len(prompts[r]) - 1
-            # every rollout token sits right after the position that predicts it
-            for j in range(n):
-                assert tok[r, idx[r, j] + 1] == ro[r][j] and seg[r, idx[r, j]] == 1
-            real = tok[r][seg[r] > 0].tolist()
-            assert real == prompts[r] + ro[r]
-            assert pos[r][seg[r] > 0].tolist() == list(range(len(real)))
-            assert (seg[r][0] == 0) == (padding == "left" and len(real) < tok.shape[1])
-    with pytest.raises(ValueError, match="row 0.*student_len=4"):
-        L.build_opsd_batch(sp, tp, ro, student_len=4)
-    with pytest.raises(ValueError, match="row 2: the teacher prompt is empty"):
-        L.build_opsd_batch(sp, [[1], [2], []], ro)
-
-
-def test_build_grpo_batch():
-    b = L.build_grpo_batch([[1, 2], [3]], [[4, 5, 6], []], prompt_len=3, completion_len=3)
-    np.testing.assert_array_equal(b["tokens"], [[0, 1, 2, 4, 5, 6], [0, 0, 3, 0, 0, 0]])
-    np.testing.assert_array_equal(b["segment_ids"], [[0, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]])
-    np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b["targets"][0], [0, 2, 4, 5, 6, 0])
-    np.testing.assert_array_equal(b["mask"], [[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,9 +478,9 @@ def _check_tree(got, want, rtol, what):
         _close(g, w, rtol=rtol, what=f"{what} {jax.tree_util.keystr(path)}")
 
 
-def _run(loss_fn, lora, params, batch, **kw):
-    f = jax.jit(jax.value_and_grad(lambda lo: loss_fn(lo, params, batch, None, lora_scale=SCALE, **kw),
-                                   has_aux=True))
+def _run(loss_fn, lora, params, batch, model_cfg, **kw):
+    model = Model(model_cfg, lora_scale=SCALE)
+    f = jax.jit(jax.value_and_grad(lambda lo: loss_fn(lo, params, batch, None, model=model, **kw), has_aux=True))
     return f(lora)
 
 
@@ -554,9 +489,9 @@ def test_sft_model_packed_matches_torch(tiny):
     rs = np.random.RandomState(4)
     ex = [(rs.randint(1, 256, rs.randint(2, 6)).tolist(), rs.randint(1, 256, rs.randint(2, 8)).tolist())
           for _ in range(5)]
-    batch = {k: jnp.asarray(v) for k, v in L.pack_sft_examples(ex, 16).items()}
+    batch = jax.tree.map(jnp.asarray, batches.pack_sft_examples(ex, 16))
     lora = _lora(params, 0)
-    (loss, m), g = _run(L.sft_loss, lora, params, batch, model_cfg=mcfg, cfg=L.SFTConfig(chunk_size=8))
+    (loss, m), g = _run(L.sft_loss, lora, params, batch, mcfg, cfg=L.SFTConfig(chunk_size=8))
 
     tl = TorchLoRA(model, lora)
     try:
@@ -578,8 +513,8 @@ def test_grpo_model_matches_torch(tiny):
     rs = np.random.RandomState(5)
     prompts = [rs.randint(1, 256, n).tolist() for n in (3, 5, 2, 4)]
     comps = [rs.randint(1, 256, n).tolist() for n in (6, 2, 4, 0)]
-    batch = L.build_grpo_batch(prompts, comps)
-    cfg = L.GRPOConfig(beta=0.05, epsilon_high=0.28, temperature=1.2, num_generations=2, chunk_size=4)
+    batch = batches.build_grpo_batch(prompts, comps)
+    cfg = L.GRPOConfig(beta=0.05, epsilon_high=0.28, chunk_size=4)
     lora = _lora(params, 1)
     tl = TorchLoRA(model, lora)
     try:
@@ -593,14 +528,14 @@ def test_grpo_model_matches_torch(tiny):
                 lg = tl.logits(p + c, lora_on=on).double()[len(p) - 1:len(p) - 1 + len(c)] / 1.2
                 lst.append(torch.log_softmax(lg, -1).gather(-1, torch.tensor(c)[:, None])[:, 0])
         # old log-probs: current ones perturbed; advantages from rewards
-        Tn = batch["tokens"].shape[1]
+        Tn = batch.tokens.shape[1]
         P = max(len(p) for p in prompts)
         old = np.zeros((4, Tn), np.float32)
         for i, c in enumerate(comps):
             if c:
                 old[i, P - 1:P - 1 + len(c)] = logps[i].detach().numpy() + 0.3 * rs.randn(len(c))
         adv = np.asarray(L.group_advantages(np.array([1.0, 0.0, 0.0, 1.0]), 2), np.float32)
-        batch.update(old_logprobs=old, advantages=adv)
+        batch = batch._replace(old_logprobs=old, advantages=adv)
         terms = []
         for i, c in enumerate(comps):
             if not c:
@@ -614,8 +549,8 @@ def test_grpo_model_matches_torch(tiny):
             terms.append(t.mean())
         want = torch.stack(terms).mean()  # "grpo": per-sequence mean, then mean over all rows
         want.backward()
-        jb = {k: jnp.asarray(v) for k, v in batch.items()}
-        (loss, m), g = _run(L.grpo_loss, lora, params, jb, model_cfg=mcfg, cfg=cfg)
+        jb = jax.tree.map(jnp.asarray, batch)
+        (loss, m), g = _run(L.grpo_loss, lora, params, jb, mcfg, cfg=cfg, temperature=1.2)
         _close(loss, want.item(), rtol=1e-5, what="GRPO loss")
         _check_tree(g, tl.grads(), 2e-4, "GRPO LoRA grad")
         assert float(m["kl"]) > 0
@@ -632,7 +567,7 @@ def test_opsd_model_matches_torch(tiny, teacher, padding):
     sp = [rs.randint(1, 256, n).tolist() for n in (3, 6)]
     tp = [rs.randint(1, 256, n).tolist() for n in (8, 5)]
     ro = [rs.randint(1, 256, n).tolist() for n in (7, 4)]
-    batch = {k: jnp.asarray(v) for k, v in L.build_opsd_batch(sp, tp, ro, padding=padding).items()}
+    batch = jax.tree.map(jnp.asarray, batches.build_opsd_batch(sp, tp, ro, padding=padding))
     lora = _lora(params, 2)
     tl = TorchLoRA(model, lora)
     try:
@@ -650,7 +585,7 @@ def test_opsd_model_matches_torch(tiny, teacher, padding):
         want.backward()
         cfg = L.OPSDConfig(beta=0.3, temperature=1.1, teacher=teacher, clip_tau=tau, clip_mode="token",
                            reduction="sequence", chunk_size=3)
-        (loss, m), g = _run(L.opsd_loss, lora, params, batch, model_cfg=mcfg, cfg=cfg)
+        (loss, m), g = _run(L.opsd_loss, lora, params, batch, mcfg, cfg=cfg)
         _close(loss, want.item(), rtol=1e-4, what="OPSD loss")
         _check_tree(g, tl.grads(), 2e-4, "OPSD LoRA grad")
         _close(m["clip_frac"], np.mean(v > tau), rtol=1e-6, what="clip fraction")
@@ -662,13 +597,13 @@ def test_opsd_teacher_weights(tiny):
     """fixed = base weights whatever the LoRA; live follows the LoRA; ema uses teacher_lora."""
     params, mcfg, model = tiny
     rs = np.random.RandomState(7)
-    batch = L.build_opsd_batch([rs.randint(1, 256, 4).tolist()], [rs.randint(1, 256, 6).tolist()],
-                               [rs.randint(1, 256, 5).tolist()])
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = batches.build_opsd_batch([rs.randint(1, 256, 4).tolist()], [rs.randint(1, 256, 6).tolist()],
+                                     [rs.randint(1, 256, 5).tolist()])
+    batch = jax.tree.map(jnp.asarray, batch)
     lora1, lora2 = _lora(params, 10, 0.2), _lora(params, 11, 0.2)
 
     fns = {t: jax.jit(lambda lo, tlo, t=t: L.teacher_logprobs(
-        lo, params, batch, model_cfg=mcfg, cfg=L.OPSDConfig(teacher=t, temperature=1.0), lora_scale=SCALE,
+        lo, params, batch, model=Model(mcfg, lora_scale=SCALE), cfg=L.OPSDConfig(teacher=t, temperature=1.0),
         teacher_lora=tlo)) for t in L.opsd.TEACHERS}
 
     def tlp(teacher, lora, teacher_lora=None):
@@ -677,9 +612,9 @@ def test_opsd_teacher_weights(tiny):
     base = tlp("fixed", None)
     # independent check of the base teacher log-probs with transformers (no LoRA)
     with torch.no_grad():
-        ids = batch["t_tokens"][0][np.asarray(batch["t_segment_ids"][0]) > 0].tolist()
+        ids = batch.t_tokens[0][np.asarray(batch.t_segment_ids[0]) > 0].tolist()
         lg = model(input_ids=torch.tensor([ids])).logits[0].double()
-        want = torch.log_softmax(lg, -1)[5:10].gather(-1, torch.tensor(np.asarray(batch["rollout_tokens"][0]))[:, None])
+        want = torch.log_softmax(lg, -1)[5:10].gather(-1, torch.tensor(np.asarray(batch.rollout_tokens[0]))[:, None])
     _close(base[0], want[:, 0].numpy(), rtol=1e-5, what="base teacher log-probs")
     np.testing.assert_array_equal(tlp("fixed", lora1), base)
     np.testing.assert_array_equal(tlp("fixed", lora2), base)

@@ -1,5 +1,6 @@
 """Foundation: HF checkpoints -> jsdr decoder, logits parity with transformers, sharding, save/load."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,9 +10,12 @@ import pytest
 import torch
 
 from jsdr import sharding
-from jsdr.model import hf
-from jsdr.model import transformer as T
+from jsdr.model import hf, params as param_decls
+from jsdr.model import transformer
 from tests.tiny_models import build_tiny_model, jsdr_logits, left_padded_batch, logit_tol, torch_logits
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+                   original_max_position_embeddings=1024)
 
 # (family, overrides): GQA ratios, tied/untied, qkv bias, rope scaling, unusual head_dim
 CONFIGS = {
@@ -20,9 +24,9 @@ CONFIGS = {
     "qwen3_gqa4_hd40": ("qwen3", dict(num_key_value_heads=1, head_dim=40)),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1)),
     "qwen2_bias_mha": ("qwen2", dict(num_key_value_heads=4, rope_theta=1e6)),
-    "llama3_rope": ("llama", dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                   high_freq_factor=4.0, original_max_position_embeddings=32),
-                                  rope_theta=500000.0)),
+    # head_dim 16, theta 5e5: wavelengths 6, 32, 168, 868, 4.5e3, ... against the band [128, 1024]:
+    # frequencies below, inside (two) and above the smoothing band (see test_rope_llama3_every_branch)
+    "llama3_rope": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, max_position_embeddings=4096)),
     "llama_bias_linear": ("llama", dict(attention_bias=True, tie_word_embeddings=True,
                                          rope_scaling=dict(rope_type="linear", factor=2.0))),
 }
@@ -140,8 +144,8 @@ def test_sharded_logits_equal_single_device(qwen3_tiny, mesh_shape):
     seg = np.ones_like(tokens)
     seg[1, :5] = 0
     seg[3, 8:] = 2
-    pos = np.asarray(T.positions_from_segments(seg))
-    ref = np.asarray(T.forward(params, tokens, pos, seg, cfg))
+    pos = np.asarray(transformer.positions_from_segments(seg))
+    ref = np.asarray(transformer.forward(params, tokens, pos, seg, cfg))
 
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
     sparams, _, _ = hf.load_params(str(d), mesh=mesh)
@@ -153,7 +157,7 @@ def test_sharded_logits_equal_single_device(qwen3_tiny, mesh_shape):
             None, None, "tensor")
     with sharding.use_mesh(mesh):
         batch = sharding.shard_batch({"tokens": tokens, "pos": pos, "seg": seg}, mesh)
-        fwd = jax.jit(lambda p, b: T.forward(p, b["tokens"], b["pos"], b["seg"], cfg))
+        fwd = jax.jit(lambda p, b: transformer.forward(p, b["tokens"], b["pos"], b["seg"], cfg))
         out = fwd(sparams, batch)
     assert out.sharding.mesh.shape == mesh.shape
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5 * max(1, np.abs(ref).max()), rtol=0)
@@ -163,10 +167,10 @@ def test_remat_policies_same_logits_and_grads(qwen3_tiny):
     d, _ = qwen3_tiny
     params, cfg, _ = hf.load_params(str(d))
     tokens, seg = _batch(5)
-    pos = T.positions_from_segments(seg)
+    pos = transformer.positions_from_segments(seg)
 
     def loss(p, remat):
-        return T.forward(p, tokens, pos, seg, cfg, remat=remat)[..., :7].sum()
+        return transformer.forward(p, tokens, pos, seg, cfg, remat=remat)[..., :7].sum()
 
     ref_l, ref_g = jax.value_and_grad(loss)(params, "none")
     for policy in ("full", "dots", "dots_no_batch"):
@@ -180,11 +184,11 @@ def test_remat_policies_same_logits_and_grads(qwen3_tiny):
 
 def test_layers_are_scanned_program_size_independent_of_depth():
     def n_eqns(layers):
-        cfg = T.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
+        cfg = transformer.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
                             num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
-        p = T.param_shapes(cfg)
+        p = transformer.param_shapes(cfg)
         x = jax.ShapeDtypeStruct((2, 8), jnp.int32)
-        return len(jax.make_jaxpr(lambda p, t: T.forward(p, t, t, t, cfg))(p, x).eqns)
+        return len(jax.make_jaxpr(lambda p, t: transformer.forward(p, t, t, t, cfg))(p, x).eqns)
 
     assert n_eqns(2) == n_eqns(12)
 
@@ -193,11 +197,11 @@ def test_lm_head_separable(qwen3_tiny_tied):
     d, _ = qwen3_tiny_tied
     params, cfg, _ = hf.load_params(str(d))
     tokens, seg = _batch(6)
-    pos = T.positions_from_segments(seg)
-    h = T.forward_hidden(params, tokens, pos, seg, cfg)
-    np.testing.assert_array_equal(np.asarray(T.lm_head(params, h, cfg)),
-                                  np.asarray(T.forward(params, tokens, pos, seg, cfg)))
-    np.testing.assert_array_equal(np.asarray(T.lm_head_kernel(params, cfg)),
+    pos = transformer.positions_from_segments(seg)
+    h = transformer.forward_hidden(params, tokens, pos, seg, cfg)
+    np.testing.assert_array_equal(np.asarray(transformer.lm_head(params, h, cfg)),
+                                  np.asarray(transformer.forward(params, tokens, pos, seg, cfg)))
+    np.testing.assert_array_equal(np.asarray(transformer.lm_head_kernel(params, cfg)),
                                   np.asarray(params["embed_tokens"]["embedding"]).T)
 
 
@@ -205,13 +209,13 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(qwen3_tiny):
     d, _ = qwen3_tiny
     params, cfg, _ = hf.load_params(str(d))
     tokens, seg = _batch(7)
-    pos = T.positions_from_segments(seg)
-    full = np.asarray(T.forward(params, tokens, pos, seg, cfg))
-    cache = T.init_cache(cfg, B, L + 4)
-    lp, cache = T.forward(params, tokens[:, :-3], pos[:, :-3], seg[:, :-3], cfg, cache=cache)
+    pos = transformer.positions_from_segments(seg)
+    full = np.asarray(transformer.forward(params, tokens, pos, seg, cfg))
+    cache = transformer.init_cache(cfg, B, L + 4)
+    lp, cache = transformer.forward(params, tokens[:, :-3], pos[:, :-3], seg[:, :-3], cfg, cache=cache)
     outs = [np.asarray(lp)]
     for t in range(L - 3, L):
-        lt, cache = T.forward(params, tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cfg, cache=cache)
+        lt, cache = transformer.forward(params, tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cfg, cache=cache)
         outs.append(np.asarray(lt))
     inc = np.concatenate(outs, axis=1)
     valid = np.asarray(seg) == 1
@@ -270,3 +274,121 @@ def test_error_mesh_does_not_divide_devices():
     assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(ValueError, match="not divisible by the data-parallel size"):
         sharding.shard_batch(np.zeros((3, 4)), m)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope scaling against transformers' own rope init
+
+
+def _hf_inv_freq(kind, **kw):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tests.tiny_models import hf_config
+    hf_cfg = hf_config("llama", **kw)
+    inv, _ = ROPE_INIT_FUNCTIONS[kind](hf_cfg, None)
+    return hf.config_from_hf(hf_cfg.to_dict()), inv.numpy()
+
+
+def test_rope_llama3_every_branch_matches_transformers():
+    cfg, ref = _hf_inv_freq("llama3", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, max_position_embeddings=4096)
+    ours = np.asarray(transformer.rope_inv_freq(cfg))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+    # the config reaches all three branches: above the band (wavelength < 1024/8: kept), inside the
+    # band (smoothed), below it (wavelength > 1024: divided by the factor)
+    base = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    wavelen = 2 * np.pi / base
+    high, medium, low = wavelen < 128, (wavelen >= 128) & (wavelen <= 1024), wavelen > 1024
+    assert high.sum() >= 1 and medium.sum() >= 2 and low.sum() >= 1
+    np.testing.assert_allclose(ref[high], base[high], rtol=1e-6)
+    np.testing.assert_allclose(ref[low], base[low] / 8.0, rtol=1e-6)
+    # the test has power: swapping the smoothing weights (or not smoothing) moves the in-band values
+    smooth = (1024 / wavelen - 1.0) / (8.0 - 1.0)
+    swapped = smooth * base / 8.0 + (1 - smooth) * base
+    for wrong in (swapped, base, base / 8.0):
+        assert not np.allclose(wrong[medium], ref[medium], rtol=1e-3, atol=0)
+
+
+def test_rope_linear_and_default_match_transformers():
+    cfg, ref = _hf_inv_freq("linear", rope_scaling=dict(rope_type="linear", factor=2.0), rope_theta=10000.0)
+    np.testing.assert_allclose(np.asarray(transformer.rope_inv_freq(cfg)), ref, rtol=1e-6, atol=0)
+    plain = hf.config_from_hf(build_tiny_model("llama").config.to_dict())
+    np.testing.assert_allclose(np.asarray(transformer.rope_inv_freq(plain)) / 2.0, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
+        transformer.rope_inv_freq(dataclasses.replace(plain, rope_scaling=(("rope_type", "yarn"),)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the parameter declarations (params.py) agree with the Flax model, the checkpoints and LoRA
+
+
+def test_every_hf_tensor_is_consumed_exactly_once(family_model):
+    """Each tensor of a transformers checkpoint is named by exactly one declaration (tied models:
+    transformers writes no lm_head), with the declared shape; save writes the same names back."""
+    import collections
+    name, d, model, params, cfg, hfc = family_model
+    declared = collections.Counter(n for p in param_decls.declarations(cfg) for n in p.hf_names(cfg))
+    assert max(declared.values()) == 1, [n for n, c in declared.items() if c > 1]
+    in_file = hf.TensorIndex(d)
+    assert set(declared) == set(in_file.where), (set(declared) ^ set(in_file.where))
+    for p in param_decls.declarations(cfg):
+        for n in p.hf_names(cfg):
+            assert in_file.shape(n) == p.hf_shape(cfg), n
+    assert sorted(n for n, _ in hf.hf_tensors(params, cfg)) == sorted(declared)
+    assert set(model.state_dict()) - set(declared) <= {"lm_head.weight"}  # tied: the embedding, shared
+
+
+def test_declarations_agree_with_the_flax_model(family_model):
+    """param_axes / param_shapes come from the Flax module's abstract init (nn.LogicallyPartitioned
+    metadata); they must be the declarations of params.py, leaf for leaf, and the loaded tree."""
+    import flax.linen as nn
+    name, d, model, params, cfg, _ = family_model
+    decls = param_decls.by_path(cfg)
+    axes, shapes = transformer.param_axes(cfg), transformer.param_shapes(cfg, jnp.bfloat16)
+    paths = {tuple(k.key for k in path) for path, _ in jax.tree.flatten_with_path(shapes)[0]}
+    assert paths == set(decls) == set(hf.name_map(cfg))
+    for path, p in decls.items():
+        a, s, leaf = axes, shapes, params
+        for k in path:
+            a, s, leaf = a[k], s[k], leaf[k]
+        assert a == p.axes and s.shape == p.shape(cfg) == leaf.shape and s.dtype == jnp.bfloat16, path
+    boxed = transformer.Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                                          jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) == axes
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+def test_lora_targets_are_declared_hf_linear_layers(family_model):
+    """Each LoRA-capable declaration names a torch Linear module of the checkpoint whose in/out
+    features are the sizes of the declared LoRA in/out axes."""
+    name, d, model, params, cfg, _ = family_model
+    sizes = param_decls.axis_sizes(cfg)
+    targets = param_decls.LORA_TARGETS
+    assert tuple(targets) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for target, p in targets.items():
+        for i in range(cfg.num_layers):
+            mod = model.get_submodule(p.peft_module.format(i=i))
+            assert isinstance(mod, torch.nn.Linear) and p.module == target
+            assert (mod.in_features, mod.out_features) == tuple(sizes[a] for a in p.lora_axes)
+
+
+def test_init_params_declared_initializers_one_key_per_leaf():
+    """normal(0, std) matrices, unit norms, zero biases; keys split over the leaves in tree order, so a
+    seed gives the weights it gave before the model was written with Flax (the toy warm start)."""
+    cfg = transformer.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=8, qk_norm=True, qkv_bias=True, o_bias=True)
+    key = jax.random.key(7)
+    got = transformer.init_params(cfg, key, jnp.bfloat16, std=0.05)
+    leaves, treedef = jax.tree.flatten_with_path(transformer.param_shapes(cfg))
+    keys = jax.random.split(key, len(leaves))
+    for (path, s), k, x in zip(leaves, keys, jax.tree.leaves(got)):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            want = jnp.ones(s.shape, jnp.bfloat16)
+        elif "bias" in name:
+            want = jnp.zeros(s.shape, jnp.bfloat16)
+        else:
+            want = (0.05 * jax.random.normal(k, s.shape, jnp.float32)).astype(jnp.bfloat16)
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want), err_msg=name)
+    assert jax.tree.structure(got) == treedef

@@ -21,10 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jsdr import config as C
+from jsdr import methods
+from jsdr.train import TrainConfig
 from jsdr.data import datasets as D
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-LEAVES = C.leaf_paths(C.TrainConfig)
+LEAVES = C.leaf_paths(TrainConfig)
 KEYS = [k for k, _, _ in LEAVES]
 SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
 
@@ -45,26 +47,26 @@ _args = st.lists(st.tuples(_keys, _values).map(lambda kv: f"--{kv[0]}={kv[1]}"),
 
 def _round_trips(cfg):
     d = C.to_dict(cfg)
-    assert C.from_dict(C.TrainConfig, d) == cfg
-    assert C.from_dict(C.TrainConfig, json.loads(json.dumps(d))) == cfg
+    assert C.from_dict(TrainConfig, d) == cfg
+    assert C.from_dict(TrainConfig, json.loads(json.dumps(d))) == cfg
 
 
 @SETTINGS
-@given(args=_args, method=st.sampled_from([None, *C.METHOD_DEFAULTS]))
+@given(args=_args, method=st.sampled_from([None, *methods.METHODS]))
 def test_overrides_load_or_raise_config_error(args, method):
-    base = C.METHOD_DEFAULTS[method] if method else None
+    base = methods.get(method).defaults if method else None
     try:
-        cfg = C.load(C.TrainConfig, None, args, base=base)
+        cfg = C.load(TrainConfig, None, args, base=base)
     except C.ConfigError as e:
         assert str(e)
         return
-    assert isinstance(cfg, C.TrainConfig)
+    assert isinstance(cfg, TrainConfig)
     _round_trips(cfg)
 
 
 def test_overflowing_integer_override_is_a_config_error():
     with pytest.raises(C.ConfigError):
-        C.load(C.TrainConfig, None, ["--seed=1e999"])
+        C.load(TrainConfig, None, ["--seed=1e999"])
 
 
 def _get(cfg, key):
@@ -95,7 +97,7 @@ _SECTION_KEYS = [(k, tp) for k, _, tp in LEAVES if "." in k]
 
 @st.composite
 def _partial_override(draw):
-    method = draw(st.sampled_from(sorted(C.METHOD_DEFAULTS)))
+    method = draw(st.sampled_from(sorted(methods.METHODS)))
     key, tp = draw(st.sampled_from(_SECTION_KEYS))
     return method, key, draw(_valid_value(tp))
 
@@ -104,10 +106,10 @@ def _partial_override(draw):
 @given(case=_partial_override())
 def test_partial_section_override_keeps_base_defaults(case):
     method, key, value = case
-    base = C.METHOD_DEFAULTS[method]
-    before = C.load(C.TrainConfig, None, [], base=base)
+    base = methods.get(method).defaults
+    before = C.load(TrainConfig, None, [], base=base)
     try:
-        after = C.load(C.TrainConfig, None, [f"--{key}={value}"], base=base)
+        after = C.load(TrainConfig, None, [f"--{key}={value}"], base=base)
     except C.ConfigError:
         return  # a value the section's own checks refuse (e.g. a range); nothing to compare
     for k in KEYS:
@@ -122,7 +124,7 @@ def test_partial_section_override_keeps_base_defaults(case):
 
 
 def test_partial_section_override_example():
-    cfg = C.load(C.TrainConfig, None, ["--rollout.seed=7"], base=C.METHOD_DEFAULTS["opsd"])
+    cfg = C.load(TrainConfig, None, ["--rollout.seed=7"], base=methods.get("opsd").defaults)
     assert cfg.rollout.seed == 7
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens) == \
         (1.1, 0.95, 20, 2048)
@@ -225,4 +227,4 @@ def test_limit_stops_before_later_bad_rows(rows, limit):
 def test_dataclass_leaves_are_all_covered():
     # the strategies above draw from every leaf of TrainConfig
     assert len(KEYS) == len(set(KEYS)) > 50
-    assert all(dataclasses.is_dataclass(getattr(C.TrainConfig(), s)) for s in SECTIONS)
+    assert all(dataclasses.is_dataclass(getattr(TrainConfig(), s)) for s in SECTIONS)

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from jsdr.data import toy
+from jsdr import toy
+from jsdr.data.rewards import last_boxed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def test_solutions_are_verified(difficulty):
             16, seed=0, difficulty=difficulty, split="test"):
         assert ex["solution"].endswith(f"\\boxed{{{ex['answer']}}}.")
         assert ex["answer"] == str(_recompute(ex["problem"]))
-        assert toy.boxed_answer(ex["solution"]) == ex["answer"]
+        assert last_boxed(ex["solution"]) == ex["answer"]
         assert toy.verify(ex)
         lines = ex["solution"].splitlines()
         assert len(lines) == ex["difficulty"] + 1
@@ -156,7 +157,7 @@ def test_warm_start_stream_mixes_roles_and_recovery():
     s = toy.ToySettings(teacher_fraction=0.6, recovery_fraction=0.5, teacher_difficulty=(3, 3))
     ref = toy.REFERENCE_HEADER
     n_teacher = n_recovery = 0
-    for prompt, completion in itertools.islice(toy._example_stream(tok, s, s.teacher_fraction), 300):
+    for prompt, completion in itertools.islice(toy.example_stream(tok, s, s.teacher_fraction), 300):
         text = tok.decode(prompt)
         if ref not in text:
             continue
@@ -166,6 +167,22 @@ def test_warm_start_stream_mixes_roles_and_recovery():
         assert tok.decode(completion).endswith("}." + toy.EOS_TOKEN)
         assert text.count("\n") > 0 and len([l for l in text.split("\n") if " -> " in l]) >= 3
     assert 140 < n_teacher < 220 and 0.1 < n_recovery / n_teacher < 0.45
+
+
+def test_data_package_holds_no_toy_and_imports_no_model():
+    """The toy lives in jsdr/toy/; jsdr/data/ imports neither the model nor the toy."""
+    import ast
+
+    data = Path(__file__).resolve().parent.parent / "jsdr" / "data"
+    assert not (data / "toy.py").exists() and not (data / "toy_model").exists()
+    for f in data.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     else [])
+            for name in names:
+                assert not name.startswith(("jsdr.model", "jsdr.toy", "jsdr.sampling", "jsdr.losses")), (f.name, name)
+    assert toy.SHIPPED_DIR == Path(toy.__file__).resolve().parent / "toy_model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +331,8 @@ def test_incomplete_cache_is_rebuilt(tmp_path):
 
 
 def test_accuracy_scores_real_generations(tiny_assets):
-    """The decode loop and grader on the tiny model: compared with an independent greedy loop."""
+    """accuracy (library sampler + grader) on the tiny model: its texts equal an independent greedy
+    loop (full forward, no cache, one token at a time, cut after the first stop token)."""
     import jax.numpy as jnp
     from transformers import AutoTokenizer
 
@@ -325,18 +343,108 @@ def test_accuracy_scores_real_generations(tiny_assets):
     params, cfg, _ = load_params(str(d))
     tok = AutoTokenizer.from_pretrained(str(d))
     probs = toy.toy_benchmark(3)
-    prompts = [toy.encode_example(tok, ex, "student", False)[0] for ex in probs]
-    eos = [tok.convert_tokens_to_ids(toy.EOS_TOKEN)]
-    got = toy.generate(params, cfg, prompts, 8, eos)
-    for p, g in zip(prompts, got):  # reference: full forward, no cache, one token at a time
-        ids = list(p)
-        for _ in range(len(g)):
-            x = jnp.asarray([ids], jnp.int32)
-            logits = forward(params, x, jnp.arange(len(ids))[None], jnp.ones_like(x), cfg)
-            ids.append(int(jnp.argmax(logits[0, -1])))
-        assert ids[len(p):] == g
-    res = toy.accuracy(params, cfg, tok, probs, max_new_tokens=8)
-    assert res["n"] == 3 and len(res["texts"]) == 3 and 0.0 <= res["accuracy"] <= 1.0
+    stops = {tok.convert_tokens_to_ids(toy.EOS_TOKEN), tok.convert_tokens_to_ids(toy.PAD_TOKEN)}
+    for role, thinking in (("student", False), ("teacher", True)):
+        res = toy.accuracy(params, cfg, tok, probs, role=role, max_new_tokens=8)
+        assert res["n"] == 3 and 0.0 <= res["accuracy"] <= 1.0
+        for ex, text in zip(probs, res["texts"]):
+            ids = toy.encode_prompt(tok, ex, role, thinking)
+            n = len(ids)
+            for _ in range(8):
+                x = jnp.asarray([ids], jnp.int32)
+                logits = forward(params, x, jnp.arange(len(ids))[None], jnp.ones_like(x), cfg)
+                ids.append(int(jnp.argmax(logits[0, -1])))
+                if ids[-1] in stops:
+                    break
+            assert text == tok.decode(ids[n:], skip_special_tokens=True)
+
+
+def test_accuracy_grades_each_answer_against_its_own_problem(tokenizer):
+    """A fake sampler answers right for some prompts and wrong for others: accuracy pairs each
+    completion with the problem of its prompt (student prompts thinking off, teacher thinking on)."""
+    from jsdr.data.prompts import render_student, render_teacher
+    from jsdr.sampling import SampleOutput
+
+    probs = toy.toy_benchmark(4)
+    right = {0, 3}
+    eos = tokenizer.convert_tokens_to_ids(toy.EOS_TOKEN)
+
+    class FakeSampler:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, params, lora, prompts, sc):
+            self.calls.append((prompts, sc))
+            rows = []
+            for i, p in enumerate(prompts):
+                ex = next(e for e in probs if toy.encode_prompt(tokenizer, e, "student", False) == p
+                          or toy.encode_prompt(tokenizer, e, "teacher", True) == p)
+                k = probs.index(ex)
+                ans = ex["answer"] if k in right else str((int(ex["answer"]) + 1) % 10)
+                rows.append(tokenizer.encode(f"A + 1: x \\boxed{{{ans}}}.", add_special_tokens=False) + [eos])
+            L = max(map(len, rows))
+            toks = np.zeros((len(rows), L), np.int32)
+            for i, r in enumerate(rows):
+                toks[i, :len(r)] = r
+            z = np.zeros(toks.shape, np.float32)
+            return SampleOutput(toks, z, z, np.array([len(r) for r in rows], np.int32),
+                                np.zeros(len(rows), np.int8), np.arange(len(rows), dtype=np.int32))
+
+    for role, render in (("student", lambda e: render_student(tokenizer, e["problem"], toy.TEMPLATES)),
+                         ("teacher", lambda e: render_teacher(tokenizer, e["problem"], e["solution"], toy.TEMPLATES))):
+        fake = FakeSampler()
+        res = toy.accuracy(None, None, tokenizer, probs, role=role, sampler=fake, batch_size=3, max_new_tokens=7)
+        assert res["accuracy"] == 0.5 and res["boxed_rate"] == 1.0
+        assert [p for prompts, _ in fake.calls for p in prompts] == [render(e) for e in probs]  # the trainer's rendering
+        assert [sc.seed for _, sc in fake.calls] == [0, 3] and all(sc.greedy and sc.max_new_tokens == 7
+                                                                   for _, sc in fake.calls)
+        assert set(fake.calls[0][1].stop_token_ids) == {eos, tokenizer.convert_tokens_to_ids(toy.PAD_TOKEN)}
+    text = tokenizer.decode(toy.encode_prompt(tokenizer, probs[0], "student", False))
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and toy.REFERENCE_HEADER not in text
+    text = tokenizer.decode(toy.encode_prompt(tokenizer, probs[0], "teacher", True))
+    assert text.endswith("<|im_start|>assistant\n") and probs[0]["solution"] in text
+
+
+def test_pack_prefix_takes_the_longest_prefix_that_fits():
+    ex = [([1] * 3, [2] * 4), ([3] * 5, [4] * 5), ([5] * 2, [6] * 2), ([7] * 8, [8] * 8), ([9], [9])]
+    batch, used = toy.pack_prefix(ex, rows=2, row_len=12, pad_id=0)
+    # first fit: row 0 = ex0 (7) + ex2 (4), row 1 = ex1 (10); ex3 (16 > 12 left) would need a third row
+    assert used == 3 and batch.tokens.shape == (2, 12)
+    assert batch.tokens[0, :11].tolist() == [1] * 3 + [2] * 4 + [5] * 2 + [6] * 2
+    assert batch.segment_ids[0].tolist() == [1] * 7 + [2] * 4 + [0] and batch.segment_ids[1].max() == 1
+    assert batch.mask.sum() == 4 + 5 + 2
+    batch, used = toy.pack_prefix(ex[4:] + ex[:1], rows=1, row_len=12, pad_id=0)
+    assert used == 2
+    with pytest.raises(ValueError, match="exceed"):
+        toy.pack_prefix([([1] * 10, [2] * 10)] + ex, rows=2, row_len=12, pad_id=0)
+
+
+def test_warm_start_loss_is_the_masked_cross_entropy(tokenizer):
+    """The first logged loss of the warm start equals an independent masked cross-entropy (full
+    logits) of the initial weights on the first packed batch of the example stream."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jsdr.model.transformer import forward, init_params
+
+    s = toy.ToySettings(**{**TINY, "steps": 2})
+    params, cfg, hf, log = toy.warm_start(s, tokenizer, progress=False)
+    assert [r["step"] for r in log] == [0, 1]
+    pending = list(itertools.islice(toy.example_stream(tokenizer, s, s.teacher_fraction), s.batch_rows * 8))
+    batch, used = toy.pack_prefix(pending, s.batch_rows, s.row_len, tokenizer.convert_tokens_to_ids(toy.PAD_TOKEN))
+    assert used >= s.batch_rows
+    p0 = init_params(cfg, jax.random.PRNGKey(s.seed))
+    logits = forward(p0, jnp.asarray(batch.tokens), jnp.asarray(batch.positions), jnp.asarray(batch.segment_ids), cfg)
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    nll = -np.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
+    # the mask covers exactly the completion tokens: their count is the completions' length
+    assert batch.mask.sum() == sum(len(c) for _, c in pending[:used])
+    ref = float((nll * batch.mask).sum() / batch.mask.sum())
+    assert log[0]["loss"] == pytest.approx(ref, rel=1e-5)
+    # the learning rate warms up from 0, so the second step is the first to move the weights
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p0)))
 
 
 def test_shortened_toy_run_scores_real_samples(tiny_assets, tmp_path):
@@ -363,15 +471,17 @@ def test_shortened_toy_run_scores_real_samples(tiny_assets, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("div_mean" in line for line in lines)
 
-    merged = merge(tr.params, jax.device_get(tr.state["lora"]), tr.lora_scale)
+    lora = tr.state.lora
+    merged = merge(tr.params, jax.device_get(lora), tr.model.lora_scale)
     tok = AutoTokenizer.from_pretrained(str(d))
     ref = toy.accuracy(merged, tr.mcfg, tok, tr.eval_records, role="student", max_new_tokens=40)
-    ours = tr.evaluate(tr.state["lora"])
+    ours = tr.evaluate(lora)
     assert ours["eval/response_tokens"] > 0
     assert ours["eval/accuracy"] == pytest.approx(ref["accuracy"])
-    # the very same responses: the trainer's prompts, sampler and stop tokens vs the toy's own loop
+    # the very same responses: the trainer's prompts, LoRA (not merged) and stop tokens vs toy.accuracy
+    from jsdr.data.prompts import render_student
     from jsdr.sampling import SamplingConfig
     sc = SamplingConfig(temperature=0.0, max_new_tokens=40, stop_token_ids=tr.stop_ids)
-    out = tr.sample(tr.state["lora"], [tr.render_student(r["problem"]) for r in tr.eval_records], sc,
+    out = tr.sample(lora, [render_student(tr.tokenizer, r["problem"], tr.cfg.prompts) for r in tr.eval_records], sc,
                     jax.random.PRNGKey(0))
-    assert tr.decode(out.tokens, out.lengths) == ref["texts"]
+    assert [tok.decode(ids, skip_special_tokens=True) for ids in out.completions()] == ref["texts"]

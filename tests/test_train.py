@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from jsdr import config as C
+from jsdr import methods, run, sharding, toy
 from jsdr import train as TR
-from jsdr.config import ConfigError, TrainConfig
-from jsdr.data import toy
+from jsdr.config import ConfigError
 from jsdr.errors import RunError
+from jsdr.losses.grpo import policy_logprobs
+from jsdr.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,10 +35,9 @@ def _cfg(assets, method, out, **over):
         "train": {"steps": 4, "per_device_batch": 1, "grad_accum": 2, "output_dir": str(out), "save_every": 2,
                   "seq_bucket": 32},
         "rollout": {"max_new_tokens": 12, "n": 4 if method == "grpo" else 1, "temperature": 1.0},
-        "grpo": {"num_generations": 4, "temperature": 1.0},
         "mesh": {"num_devices": 1},
     }
-    data = C.merge_dicts(C.merge_dicts(C.METHOD_DEFAULTS[method], data), over)
+    data = C.merge_dicts(C.merge_dicts(methods.get(method).defaults, data), over)
     return C.from_dict(TrainConfig, data)
 
 
@@ -49,23 +50,33 @@ def test_overfit_fixed_batch_one_device(assets, tmp_path, method):
                          optim={"learning_rate": 1e-2}, lora={"rank": 16, "alpha": 32}, **over),
                     progress=False, log=lambda *a: None)
     assert tr.mesh.devices.size == 1
-    host, _ = tr.make_batch(0, jax.random.PRNGKey(0))
-    batch = tr.put_batch(host)
+    step_batch = tr.method.make_batch(tr.take(0), tr.state.lora, jax.random.PRNGKey(0))
+    batch = run.place_batch(step_batch.batch, tr.mesh, leading=1)
+    adv = np.array([[1.0, -1.0, 0.5, -0.5]], np.float32)
     if method == "grpo":  # rewards of a random model are all 0: give the completions distinct advantages
-        batch["advantages"] = batch["advantages"] + jax.numpy.asarray(
-            np.array([[1.0, -1.0, 0.5, -0.5]], np.float32))
+        batch = batch._replace(advantages=batch.advantages + adv)
+
+    def completion_logp(lora):  # mean log-prob of each completion's tokens under `lora`
+        mb = jax.tree.map(lambda x: x[0], batch)
+        lp = policy_logprobs(lora, tr.params, mb, model=tr.model, temperature=tr.cfg.rollout.temperature)
+        return np.asarray((lp * mb.mask).sum(-1) / np.maximum(mb.mask.sum(-1), 1))
+    before = completion_logp(tr.state.lora) if method == "grpo" else None
     losses = []
-    with TR.S.use_mesh(tr.mesh):
+    with sharding.use_mesh(tr.mesh):
         for i in range(25):
             tr.state, m = tr.step_fn()(tr.state, tr.params, batch, jax.random.PRNGKey(i))
             losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
     if teacher == "ema":  # the EMA tree follows the student: decay * ema + (1 - decay) * lora, step by step
         d = tr.cfg.opsd.ema_decay
-        assert 0 < float(jax.numpy.abs(jax.tree.leaves(tr.state["ema"])[1]).max()) \
-            < float(jax.numpy.abs(jax.tree.leaves(tr.state["lora"])[1]).max()) * (1 - d ** 25) * 1.01 + 1e-9
-    if method == "grpo":  # the clipped surrogate of fixed old log-probs decreases as the ratio moves
-        assert losses[-1] < losses[0] - 1e-3, losses
+        assert 0 < float(jax.numpy.abs(jax.tree.leaves(tr.state.ema)[1]).max()) \
+            < float(jax.numpy.abs(jax.tree.leaves(tr.state.lora)[1]).max()) * (1 - d ** 25) * 1.01 + 1e-9
+    if method == "grpo":
+        # on-policy (old = current log-probs): the surrogate is -mean(advantage) at every step, and the
+        # completions with a positive advantage become more likely, those with a negative one less
+        np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+        change = completion_logp(tr.state.lora) - before
+        assert change[0] > 0 and change[2] > 0 and change[1] < 0 and change[3] < 0, change
     else:
         assert losses[-1] < 0.9 * losses[0], losses
 
@@ -96,7 +107,7 @@ def test_opsd_runs_on_8_devices_and_resumes_exactly(assets, tmp_path):
         for k in ("loss", "divergence", "grad_norm", "rollout_tokens", "rollout/length"):
             if k in a[step]:
                 np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-5, atol=1e-6, err_msg=f"{k}@{step}")
-    for x, y in zip(jax.tree.leaves(full.state["lora"]), jax.tree.leaves(resumed.state["lora"])):
+    for x, y in zip(jax.tree.leaves(full.state.lora), jax.tree.leaves(resumed.state.lora)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
@@ -141,7 +152,7 @@ def test_paper_configs_match_the_tables(name):
     else:
         assert (cfg.rollout.max_new_tokens, cfg.rollout.n, cfg.rollout.temperature) == (max_new, n, temp)
     if method_key == "grpo":
-        assert cfg.grpo.beta == 0.0 and cfg.grpo.num_generations == 8 and cfg.grpo.temperature == 1.2
+        assert cfg.grpo.beta == 0.0
     if method_key.startswith("opsd"):
         assert cfg.opsd.teacher == "fixed" and cfg.opsd.variant == "full"
         assert cfg.opsd.beta == (0.5 if method_key == "opsd-v1" else 0.0)
@@ -171,7 +182,7 @@ def test_batch_must_divide_and_match_effective_batch(assets, tmp_path):
         TR.Trainer(_cfg(assets, "sft", tmp_path, train={"effective_batch": 10}), progress=False)
     with pytest.raises(ConfigError, match="not a multiple of rollout.n=4"):
         TR.Trainer(_cfg(assets, "grpo", tmp_path, train={"per_device_batch": 1, "grad_accum": 2}), progress=False)
-    with pytest.raises(ConfigError, match=r"mesh .* uses 3 devices but 8 are available|do not divide"):
+    with pytest.raises(ConfigError, match=r"mesh: \(data=3, fsdp=1, tensor=1\) uses 3 devices but 8 are available"):
         TR.Trainer(_cfg(assets, "sft", tmp_path, mesh={"num_devices": None, "data": 3, "fsdp": 1}), progress=False)
 
 
@@ -201,3 +212,63 @@ def test_help_lists_options(capsys):
     for opt in ("--method=opsd", "--optim.learning_rate=2e-05", "--opsd.beta=0.5", "--rollout.top_p",
                 "--lora.rank=64", "--train.resume=False"):
         assert opt in out, opt
+
+
+# -- the pure step against hand computation ------------------------------------------------------------
+
+
+def test_step_averages_micro_batches_and_moves_the_ema_to_the_updated_lora():
+    """One step with 2 micro-batches of a quadratic loss: the gradient (and its norm), the loss metric, the
+    AdamW update and the EMA teacher, each against numpy."""
+    import jax.numpy as jnp
+
+    def loss_fn(lora, params, batch, key, teacher_lora):
+        loss = jnp.mean((batch["x"] @ lora["w"] - batch["y"]) ** 2)
+        return loss, {"teacher_w0": teacher_lora["w"][0]}
+
+    rs = np.random.RandomState(0)
+    x, y = rs.randn(2, 3, 4).astype(np.float32), rs.randn(2, 3).astype(np.float32)  # [accum, micro, ...]
+    w0 = rs.randn(4).astype(np.float32)
+    ema0 = rs.randn(4).astype(np.float32)
+    lr, decay = 0.01, 0.9
+    opt, _ = TR.make_optimizer(TR.OptimConfig(learning_rate=lr, max_grad_norm=0.0), 10)
+    state = TR.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.asarray(w0)}, opt.init({"w": jnp.asarray(w0)}),
+                          {"w": jnp.asarray(ema0)})
+    step = jax.jit(TR.make_train_step(loss_fn, opt, ema_decay=decay))
+    new, m = step(state, None, {"x": jnp.asarray(x), "y": jnp.asarray(y)}, jax.random.PRNGKey(0))
+
+    grads = [2 * x[i].T @ (x[i] @ w0 - y[i]) / 3 for i in range(2)]
+    g = (grads[0] + grads[1]) / 2  # the mean over micro-batches, not the sum
+    losses = [np.mean((x[i] @ w0 - y[i]) ** 2) for i in range(2)]
+    np.testing.assert_allclose(float(m["loss"]), np.mean(losses), rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad_norm"]), np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_allclose(float(m["teacher_w0"]), ema0[0], rtol=1e-6)  # the loss saw the pre-step EMA
+    # AdamW step 1 (bias-corrected): w - lr * g / (|g| + eps)
+    want_w = w0 - lr * g / (np.abs(g) + 1e-8)
+    np.testing.assert_allclose(np.asarray(new.lora["w"]), want_w, rtol=1e-5, atol=1e-7)
+    # the EMA moves towards the updated LoRA (not the pre-step one)
+    np.testing.assert_allclose(np.asarray(new.ema["w"]), decay * ema0 + (1 - decay) * want_w, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1 and float(m["skipped"]) == 0.0
+
+
+def test_mesh_rule_overrides_from_the_command_line_reach_the_weights(assets, tmp_path):
+    """--mesh.rules changes how the trainer lays out the base weights (here: the embedding replicated
+    instead of split over fsdp), with nothing else changed."""
+    over = {"mesh": {"num_devices": None}}
+    default = TR.Trainer(_cfg(assets, "sft", tmp_path / "a", **over), progress=False, log=lambda *a: None)
+    emb = lambda tr: tr.params["embed_tokens"]["embedding"].sharding.spec  # noqa: E731
+    assert "fsdp" in str(emb(default))
+    cfg, _ = TR.build_config(["--config", str(_yaml(assets, tmp_path, "sft", **over)),
+                              "--mesh.rules={embed: null}"])
+    assert cfg.mesh.rules == {"embed": None}
+    tr = TR.Trainer(cfg, progress=False, log=lambda *a: None)
+    assert "fsdp" not in str(emb(tr))
+    with pytest.raises(ConfigError, match=r"mesh.rules: unknown logical axis name \['embd'\]"):
+        TR.build_config(["--model.path=x", "--mesh.rules={embd: null}"])
+
+
+def _yaml(assets, tmp_path, method, **over):
+    import yaml
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(C.to_dict(_cfg(assets, method, tmp_path / "run", **over))))
+    return path

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jsdr import config as C
+from jsdr import methods
 from jsdr import train as TR
 from jsdr.config import ConfigError
 from jsdr.errors import RunError
@@ -39,23 +40,23 @@ def leaves(tree):
 
 def test_nonfinite_step_is_skipped_and_state_unchanged():
     """A NaN anywhere in the loss or gradient leaves weights and AdamW state exactly as they were."""
-    def loss_fn(lora, params, batch, key):
+    def loss_fn(lora, params, batch, key, teacher_lora):
         loss = jnp.sum((lora["w"] * batch["x"]) ** 2)
         return loss, {"m": loss}
 
-    opt, _ = TR.make_optimizer(C.OptimSection(learning_rate=0.1), 10)
+    opt, _ = TR.make_optimizer(TR.OptimConfig(learning_rate=0.1), 10)
     step = jax.jit(TR.make_train_step(loss_fn, opt))
     lora = {"w": jnp.ones((3,))}
-    state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": opt.init(lora)}
+    state = TR.TrainState(jnp.zeros((), jnp.int32), lora, opt.init(lora))
     good = {"x": jnp.ones((1, 1, 3))}
     state, m = step(state, None, good, jax.random.PRNGKey(0))
     assert float(m["skipped"]) == 0.0
-    before = leaves({"lora": state["lora"], "opt_state": state["opt_state"]})
+    before = leaves({"lora": state.lora, "opt_state": state.opt_state})
     bad = {"x": jnp.array([[[1.0, np.nan, 1.0]]])}
     new, m = step(state, None, bad, jax.random.PRNGKey(1))
     assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
-    after = leaves({"lora": new["lora"], "opt_state": new["opt_state"]})
-    assert int(new["step"]) == int(state["step"]) + 1  # only the step counter moves
+    after = leaves({"lora": new.lora, "opt_state": new.opt_state})
+    assert int(new.step) == int(state.step) + 1  # only the step counter moves
     assert len(before) == len(after) > 3
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
@@ -66,8 +67,8 @@ def test_nonfinite_step_is_skipped_and_state_unchanged():
 
 def test_optimizer_tree_does_not_depend_on_clipping():
     lora = {"w": jnp.ones((3,))}
-    a = TR.make_optimizer(C.OptimSection(max_grad_norm=1.0), 10)[0].init(lora)
-    b = TR.make_optimizer(C.OptimSection(max_grad_norm=0.0), 10)[0].init(lora)
+    a = TR.make_optimizer(TR.OptimConfig(max_grad_norm=1.0), 10)[0].init(lora)
+    b = TR.make_optimizer(TR.OptimConfig(max_grad_norm=0.0), 10)[0].init(lora)
     assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
@@ -79,34 +80,30 @@ def test_nonfinite_options_are_rejected(value):
 
 def _nan_loss(tr):
     """Make the trainer's loss non-finite (NaN times the real loss, so gradients are NaN too)."""
-    real = tr.loss_fn
+    real = tr.method.loss
 
-    def patched():
-        fn = real()
-
-        def wrapped(*a, **k):
-            loss, m = fn(*a, **k)
-            return loss * jnp.nan, m
-        return wrapped
-    tr.loss_fn = patched
+    def wrapped(*a, **k):
+        loss, m = real(*a, **k)
+        return loss * jnp.nan, m
+    tr.method.loss = wrapped
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(assets, tmp_path, capsys, monkeypatch):
     logs = []
     cfg = _cfg(assets, "opsd", tmp_path / "run", train={"max_nonfinite_steps": 2, "save_every": 1})
     tr = TR.Trainer(cfg, progress=False, log=quiet(logs))
-    init = leaves(tr.state["lora"])
+    init = leaves(tr.state.lora)
     _nan_loss(tr)
     with pytest.raises(RunError, match=r"2 consecutive steps with a non-finite loss or gradient \(last at step 2\)"):
         tr.run()
     assert sum("step skipped, weights unchanged" in m for m in logs) == 2
-    for a, b in zip(init, leaves(tr.state["lora"])):
+    for a, b in zip(init, leaves(tr.state.lora)):
         np.testing.assert_array_equal(a, b)
     assert not (tmp_path / "run" / "adapter").exists()
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in recs if r["step"] > 0][:1] == [1.0]
     # through main: one line on stderr and exit code 1
-    monkeypatch.setattr(TR.Trainer, "loss_fn", lambda self: (lambda *a, **k: (jnp.float32(np.nan), {})))
+    monkeypatch.setattr(methods.get("opsd"), "loss", lambda self, *a, **k: (jnp.float32(np.nan), {}))
     code = TR.main(_argv(assets, tmp_path / "main", "--train.max_nonfinite_steps=1"))
     err = error_lines(capsys.readouterr().err)
     assert code == 1 and len(err) == 1 and "non-finite" in err[0], err
@@ -162,7 +159,7 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_adapter(assets, tmp_path, m
 
 
 def _signal_at(monkeypatch, signum, where):
-    """Send `signum` to this process when the trainer reaches `where` (evaluate or make_batch)."""
+    """Send `signum` to this process when the trainer reaches `where` (evaluate, or take: a step's records)."""
     real = getattr(TR.Trainer, where)
     sent = []
 
@@ -177,7 +174,7 @@ def _signal_at(monkeypatch, signum, where):
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stop_writes_checkpoint_and_exits_128_plus_signal(assets, tmp_path, monkeypatch, capsys, signum,
                                                                  code):
-    _signal_at(monkeypatch, signum, "make_batch")
+    _signal_at(monkeypatch, signum, "take")
     run = tmp_path / "run"
     assert TR.main(_argv(assets, run, f"--train.output_dir={run}")) == code
     out = capsys.readouterr().out
@@ -302,10 +299,10 @@ def test_tensorboard_after_resume_has_every_step_once(assets, tmp_path):
 def test_help_shows_the_defaults_that_apply(capsys):
     assert TR.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "configs/toy/opsd.yaml" in out and "--optim.learning_rate=0.003" in out and "--train.steps=30" in out
+    assert "toy/configs/opsd.yaml" in out and "--optim.learning_rate=0.003" in out and "--train.steps=30" in out
     assert TR.main(["--method=grpo", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "configs/toy/grpo.yaml" in out and "--rollout.n=8" in out and "--optim.learning_rate=0.001" in out
+    assert "toy/configs/grpo.yaml" in out and "--rollout.n=8" in out and "--optim.learning_rate=0.001" in out
     assert TR.main(["--model.path=Qwen/Qwen3-1.7B", "--method=grpo", "--help"]) == 0
     out = capsys.readouterr().out  # no toy YAML: the paper's method defaults
     assert "--rollout.temperature=1.2" in out and "--rollout.max_new_tokens=16000" in out

@@ -1,1 +1,1 @@
-"""Data: prompts, rewards, datasets and the embedded toy task."""
+"""Data: datasets (files and hub), prompt rendering, answer grading and host-side batch building."""

@@ -23,8 +23,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from jsdr.config import check, field
 from jsdr.errors import JsdrError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -93,6 +94,37 @@ TRAIN_DATASET = DatasetSpec(
 
 # ---------------------------------------------------------------------------------------------
 # readers: each yields (location, row) where location names the file and the row
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the training and held-out problems come from, and the length policy of the examples."""
+
+    train: str = field("toy", "hub id, local .jsonl/.json/.parquet file or directory, or 'toy'")
+    split: str = field("train", "dataset split of a hub dataset")
+    problem_field: str = field("problem", "field holding the problem text")
+    solution_field: str = field("solution", "field holding the reference solution (SFT target, OPSD teacher)")
+    answer_field: str = field("answer", "field holding the final answer (GRPO reward)")
+    limit: int | None = field(None, "use only the first N records")
+    max_prompt_tokens: int = field(1024, "longest prompt (teacher prompts include the solution)")
+    max_length: int = field(16000, "SFT: longest prompt + solution in tokens")
+    overlong: Literal["drop", "truncate"] = field("drop", "what to do with a longer example (always counted)")
+    shuffle: bool = field(True, "shuffle every epoch (seeded)")
+    eval: str | None = field(None, "held-out problems scored before and after training: a file/hub id, or 'toy' "
+                                   "(the toy's test split; 'toy:validation' for tuning)")
+    eval_split: str = field("test", "split of the held-out set")
+    eval_limit: int = field(64, "number of held-out problems")
+    eval_max_new_tokens: int = field(512, "max new tokens when scoring held-out problems")
+    eval_temperature: float = field(0.0, "sampling temperature of the held-out score (0 = greedy)")
+
+    def __post_init__(self):
+        check(self.max_prompt_tokens > 0, "max_prompt_tokens", "must be > 0")
+        check(self.max_length > 0, "max_length", "must be > 0")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
+
+    def fields(self) -> dict[str, str]:
+        """The record fields to read: canonical name -> field name in the source."""
+        return {"problem": self.problem_field, "solution": self.solution_field, "answer": self.answer_field}
 
 
 def _json_error(e: ValueError | RecursionError) -> str:

@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jsdr.config import check, field
+
 logger = logging.getLogger(__name__)
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -59,26 +61,18 @@ class PromptError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplates:
-    """The prompt settings of a run (all overridable from a config).
+    """The prompt settings of a run (the paper's choice of thinking: student off, teacher on)."""
 
-    student / teacher: user-message templates with `{problem}` (both) and `{solution}` (teacher).
-    student_thinking / teacher_thinking: the `enable_thinking` switch of the chat template per role
-        (the paper's choice: student off, teacher on).
-    system: an optional system message put before the user message of both roles.
-    """
-
-    student: str = STUDENT_TEMPLATE
-    teacher: str = TEACHER_TEMPLATE
-    student_thinking: bool = False
-    teacher_thinking: bool = True
-    system: str | None = None
+    student: str = field(STUDENT_TEMPLATE, "student user message; {problem} is filled in")
+    teacher: str = field(TEACHER_TEMPLATE, "teacher user message; {problem} and {solution} are filled in")
+    student_thinking: bool = field(False, "Qwen3 thinking mode in the student prompt (and GRPO/SFT prompts)")
+    teacher_thinking: bool = field(True, "Qwen3 thinking mode in the OPSD teacher prompt")
+    system: str | None = field(None, "optional system message before the user message of both roles")
 
     def __post_init__(self):
-        if "{problem}" not in self.student:
-            raise PromptError("prompts.student: the template must contain {problem}")
+        check("{problem}" in self.student, "student", "the template must contain {problem}")
         for key in ("{problem}", "{solution}"):
-            if key not in self.teacher:
-                raise PromptError(f"prompts.teacher: the template must contain {key}")
+            check(key in self.teacher, "teacher", f"the template must contain {key}")
 
 
 def fill(template: str, **values: str) -> str:

@@ -16,15 +16,31 @@ query i sits at slot `q_offset + i` of the key array and sees key slots <= its o
 A query row that sees no key at all (a padding position) returns zeros, never NaN.
 
 impl: "xla" (reference, CPU default), "cudnn" (jax.nn.dot_product_attention, GPU), "pallas"
-(kernels/flash_attention.py, registered when that module is importable).
+(`jsdr_kernels.flash_attention`, from the repository's kernels/ folder; on CPU it runs in Pallas
+interpret mode). The kernel module is a leaf that knows nothing of jsdr: this module imports it,
+registers it and runs it per shard under an active mesh (`pallas_attention`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jsdr import sharding
+
+try:
+    from jsdr_kernels import flash_attention as flash
+except ModuleNotFoundError as e:  # a checkout on sys.path without `pip install -e .`
+    if e.name != "jsdr_kernels":
+        raise
+    raise ModuleNotFoundError(
+        "jsdr_kernels (the Pallas kernels in the repository's kernels/ folder) is not importable: "
+        "install the project (`pip install -e .`), which maps kernels/jsdr_kernels to that name",
+        name=e.name) from e
 
 AttentionFn = Callable[..., jax.Array]
 _IMPLS: dict[str, AttentionFn] = {}
@@ -44,22 +60,11 @@ def register(name: str, cache_layout: bool = False) -> Callable[[AttentionFn], A
 
 
 def available() -> list[str]:
-    _load_optional()
     return sorted(_IMPLS)
-
-
-def _load_optional() -> None:
-    if "pallas" not in _IMPLS:
-        try:  # the Pallas kernel registers itself on import
-            import kernels.flash_attention  # noqa: F401
-        except ImportError:
-            pass
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0, causal: bool = True,
               impl: str = "xla", scale: float | None = None, kv_layout: str = "bskd") -> jax.Array:
-    if impl not in _IMPLS:
-        _load_optional()
     if impl not in _IMPLS:
         raise ValueError(f"attention impl {impl!r} is not available; choose one of {available()}")
     if kv_layout not in KV_LAYOUTS:
@@ -110,3 +115,33 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, sc
     mask = make_mask(q_segment_ids, kv_segment_ids, q_offset, causal)[:, None]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     return jnp.where((mask.any(-1))[:, 0, :, None, None], out, 0).astype(q.dtype)
+
+
+@register("pallas")
+def pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, scale):
+    """`jsdr_kernels.flash_attention.flash_attention`; under an active `sharding.use_mesh` it runs per
+    shard inside `shard_map` (a GPU custom call cannot be partitioned by XLA): the batch over the
+    mesh axes of "act_batch", the heads over those of "act_heads" when the kv heads split the same
+    way (the group of a local query head must be a local kv head), else heads replicated."""
+    kernel = functools.partial(flash.flash_attention, causal=causal, scale=scale)
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+    B, T, H, _ = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones((B, T), jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = jnp.ones((B, S), jnp.int32)
+    batch = sharding.logical_to_spec(("act_batch",), (B,), mesh)[0]
+    heads = sharding.logical_to_spec(("act_heads",), (H,), mesh)[0]
+    kv_heads = sharding.logical_to_spec(("act_kv_heads",), (K,), mesh)[0]
+    if heads != kv_heads:
+        heads = kv_heads = None
+    q_spec = PartitionSpec(batch, None, heads, None)
+    kv_spec = PartitionSpec(batch, None, kv_heads, None)
+    seg_spec = PartitionSpec(batch, None)
+    sharded = jax.shard_map(kernel, mesh=mesh, check_vma=False,
+                            in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec, PartitionSpec()),
+                            out_specs=q_spec)
+    return sharded(q, k, v, q_segment_ids, kv_segment_ids, jnp.asarray(q_offset, jnp.int32))

@@ -1,5 +1,6 @@
 """Hugging Face checkpoints <-> jsdr parameter trees.
 
+Every tensor's HF name, per-layer shape and transpose rule come from its declaration in params.py.
 Loading builds the parameter tree abstractly, then creates every leaf with
 `jax.make_array_from_callback`: each device's shard is read straight from the memory-mapped
 safetensors files (transposed and stacked over layers on the fly), so the host never holds a
@@ -20,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jsdr.errors import JsdrError
 
-from jsdr.model.transformer import ModelConfig, Params, param_axes, param_shapes
+from jsdr.model.params import ModelConfig, declarations
+from jsdr.model.transformer import Params, param_axes
 from jsdr.sharding import logical_sharding
 
 SUPPORTED_ARCHITECTURES = {
@@ -105,34 +107,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# the name map: jsdr leaf path -> (HF name template, transform)
-# A "{i}" in the template is the layer index; the leaf is the stack over layers.
+# the name map: every parameter's HF name and transpose rule come from its declaration (params.py)
 
 
 def name_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    """{jsdr path: (HF tensor name, transpose?)} for every parameter of `cfg`."""
-    out: dict[tuple[str, ...], tuple[str, bool]] = {}
-    for path, _ in _flat(param_axes(cfg)):
-        if path[0] == "embed_tokens":
-            out[path] = ("model.embed_tokens.weight", False)
-        elif path[0] == "norm":
-            out[path] = ("model.norm.weight", False)
-        elif path[0] == "lm_head":
-            out[path] = ("lm_head.weight", True)
-        else:  # layers/<block>/<module>/<leaf> or layers/<norm>/scale
-            mods, leaf = path[1:-1], path[-1]
-            hf_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-            out[path] = ("model.layers.{i}." + ".".join(mods) + "." + hf_leaf, leaf == "kernel")
-    return out
-
-
-def _flat(tree, prefix=()) -> Iterable[tuple[tuple[str, ...], Any]]:
-    is_leaf = lambda x: not isinstance(x, dict)
-    for k, v in tree.items():
-        if is_leaf(v):
-            yield prefix + (k,), v
-        else:
-            yield from _flat(v, prefix + (k,))
+    """{jsdr path: (HF tensor name, transpose?)} for every parameter of `cfg`; an "{i}" in the name is
+    the layer index of a parameter stacked over layers."""
+    return {p.path: (p.hf_name, p.transpose) for p in declarations(cfg)}
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -298,7 +279,7 @@ class TensorIndex:
 # load
 
 
-# files a tokenizer can be built from (any one of these sets), and the ones copied next to a saved model
+# files a tokenizer can be built from (any one of these sets), and the ones fetched from the hub
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "vocab.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 _TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
@@ -424,18 +405,10 @@ def load_params(path_or_id: str, mesh: Mesh | None = None, dtype=jnp.float32, ru
     d = Path(resolve_model_dir(path_or_id))
     cfg, hf = load_config(str(d))
     index = TensorIndex(d)
-    nmap = name_map(cfg)
-    shapes = param_shapes(cfg, dtype)
-    axes = param_axes(cfg)
+    decls = declarations(cfg)
+    axes = param_axes(cfg)  # as the Flax module declares them
 
-    expected: dict[str, tuple[int, ...]] = {}
-    for path, (tmpl, transpose) in nmap.items():
-        leaf_shape = _get(shapes, path).shape
-        per = leaf_shape[1:] if "{i}" in tmpl else leaf_shape
-        hf_shape = tuple(reversed(per)) if transpose else tuple(per)
-        names = [tmpl.format(i=i) for i in range(cfg.num_layers)] if "{i}" in tmpl else [tmpl]
-        for n in names:
-            expected[n] = hf_shape
+    expected = {name: p.hf_shape(cfg) for p in decls for name in p.hf_names(cfg)}
     have = set(index.where)
     ignorable = {n for n in have if n.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
@@ -455,28 +428,26 @@ def load_params(path_or_id: str, mesh: Mesh | None = None, dtype=jnp.float32, ru
 
     np_dtype = np.dtype(jnp.dtype(dtype))
     params: dict = {}
-    items = list(nmap.items())
-    it = items
+    it = decls
     if progress:
         from tqdm import tqdm
-        it = tqdm(items, desc=f"loading {d.name}", unit="tensor")
-    for path, (tmpl, transpose) in it:
-        shape = _get(shapes, path).shape
+        it = tqdm(decls, desc=f"loading {d.name}", unit="tensor")
+    for decl in it:
+        shape = decl.shape(cfg)
         if mesh is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-            sharding = logical_sharding(_get(axes, path), shape, mesh, rules)
-        stacked = "{i}" in tmpl
+            sharding = logical_sharding(_get(axes, decl.path), shape, mesh, rules)
 
-        def read(idx, tmpl=tmpl, transpose=transpose, stacked=stacked, shape=shape):
+        def read(idx, decl=decl, shape=shape):
             idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-            if stacked:
+            if decl.stacked:
                 layers = range(*idx[0].indices(shape[0]))
-                parts = [_read_one(index, tmpl.format(i=i), transpose, idx[1:]) for i in layers]
+                parts = [_read_one(index, decl.hf_name.format(i=i), decl.transpose, idx[1:]) for i in layers]
                 return np.stack(parts).astype(np_dtype, copy=False)
-            return _read_one(index, tmpl, transpose, idx).astype(np_dtype, copy=False)
+            return _read_one(index, decl.hf_name, decl.transpose, idx).astype(np_dtype, copy=False)
 
-        _set(params, path, jax.make_array_from_callback(shape, sharding, read))
+        _set(params, decl.path, jax.make_array_from_callback(shape, sharding, read))
     return params, cfg, hf
 
 
@@ -500,15 +471,15 @@ def _to_host(x) -> np.ndarray:
 
 def hf_tensors(params: Params, cfg: ModelConfig, dtype=None) -> Iterable[tuple[str, np.ndarray]]:
     """Yield (HF name, host array) for every tensor, one leaf at a time."""
-    for path, (tmpl, transpose) in name_map(cfg).items():
-        arr = _to_host(_get(params, path))
+    for decl in declarations(cfg):
+        arr = _to_host(_get(params, decl.path))
         if dtype is not None:
             arr = arr.astype(np.dtype(jnp.dtype(dtype)))
-        if "{i}" in tmpl:
-            for i in range(cfg.num_layers):
-                yield tmpl.format(i=i), np.ascontiguousarray(arr[i].T if transpose else arr[i])
+        if decl.stacked:
+            for i, name in enumerate(decl.hf_names(cfg)):
+                yield name, np.ascontiguousarray(arr[i].T if decl.transpose else arr[i])
         else:
-            yield tmpl, np.ascontiguousarray(arr.T if transpose else arr)
+            yield decl.hf_name, np.ascontiguousarray(arr.T if decl.transpose else arr)
 
 
 def save_params(params: Params, cfg: ModelConfig, hf_config: dict, out_dir: str | Path, dtype=None,
@@ -554,11 +525,3 @@ def save_params(params: Params, cfg: ModelConfig, hf_config: dict, out_dir: str 
         extra_files(out)
     return out
 
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Copy tokenizer and generation-config files next to a saved model."""
-    import shutil
-    src, dst = Path(src), Path(dst)
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)

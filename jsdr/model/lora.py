@@ -9,6 +9,10 @@ and the forward (`transformer.forward(params, ..., lora, lora_cfg.scale)`) compu
 x W + scale * (x A) B for every targeted projection; the base tree is never modified. A is
 PEFT's [r, in] `lora_A.weight` transposed, B is `lora_B.weight` [out, r] transposed.
 
+The targets, their in/out dims and logical axes and their HF/PEFT module names come from the kernel
+declarations of params.py (`LORA_TARGETS`). In the Flax model the adapter is the variable
+collection "lora" (`Decoder.apply({"params": params, "lora": lora}, ...)`).
+
 `save_peft` / `load_peft` read and write PEFT's on-disk format (adapter_config.json +
 adapter_model.safetensors) so an adapter trained here loads with `peft.PeftModel.from_pretrained`
 (and in vLLM), and an adapter trained with `peft` loads here. `merge` folds the delta into a
@@ -22,29 +26,26 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jsdr.config import check, field
 from jsdr.model.hf import (SUPPORTED_ARCHITECTURES, CheckpointError, SafetensorsFile, _one_line, _to_host,
                            write_safetensors)
-from jsdr.model.transformer import ModelConfig, Params
+from jsdr.model.params import LORA_TARGETS, PARAMS, ModelConfig, Param, axis_sizes
+from jsdr.model.transformer import Params
 from jsdr.sharding import tree_shardings
 
-# module name -> (block, logical axis of the input, logical axis of the output)
-TARGETS: dict[str, tuple[str, str, str]] = {
-    "q_proj": ("self_attn", "embed", "q_heads"),
-    "k_proj": ("self_attn", "embed", "kv_heads"),
-    "v_proj": ("self_attn", "embed", "kv_heads"),
-    "o_proj": ("self_attn", "q_heads", "embed"),
-    "gate_proj": ("mlp", "embed", "mlp"),
-    "up_proj": ("mlp", "embed", "mlp"),
-    "down_proj": ("mlp", "mlp", "embed"),
-}
+# module (= PEFT target) name -> the declaration of the kernel it adapts (params.py): its block, its
+# in/out axes and dims, its HF module name
+TARGETS: dict[str, Param] = LORA_TARGETS
 ALL_TARGETS = tuple(TARGETS)
+# the accepted target_modules entries (a Literal, so that --help lists them)
+TargetModule = Literal[("all-linear",) + ALL_TARGETS]  # type: ignore[valid-type]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,36 +61,32 @@ class AdapterError(CheckpointError):
 class LoraConfig:
     """rank r, alpha, dropout on the LoRA input, PEFT/HF module names to adapt, rsLoRA scaling.
 
-    target_modules: any subset of ALL_TARGETS (or the string "all-linear" for all seven).
     The delta is scale * (x A) B with scale = alpha / r, or alpha / sqrt(r) with use_rslora.
     """
 
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ALL_TARGETS
-    use_rslora: bool = False
+    rank: int = field(64, "LoRA rank r")
+    alpha: float = field(128.0, "LoRA alpha; the delta is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)")
+    dropout: float = field(0.0, "dropout on the input of every LoRA path (training only)")
+    target_modules: tuple[TargetModule, ...] = field(ALL_TARGETS, "projections with an adapter (PEFT names), or "
+                                                                  "all-linear for all seven")
+    use_rslora: bool = field(False, "rank-stabilised scaling alpha / sqrt(r)")
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
-            raise ValueError(f"lora rank={self.rank!r} must be a positive integer")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"lora alpha={self.alpha!r} must be a finite number")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout={self.dropout!r} must be in [0, 1)")
+        check(not isinstance(self.rank, bool) and isinstance(self.rank, (int, np.integer)) and self.rank > 0,
+              "rank", f"must be a positive integer (got {self.rank!r})")
+        check(not isinstance(self.alpha, bool) and isinstance(self.alpha, (int, float))
+              and math.isfinite(self.alpha), "alpha", f"must be a finite number (got {self.alpha!r})")
+        check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout",
+              f"must be in [0, 1) (got {self.dropout!r})")
         targets = self.target_modules
-        if isinstance(targets, str):
-            if targets != "all-linear":
-                targets = (targets,)
-            else:
-                targets = ALL_TARGETS
-        targets = tuple(targets)
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        if "all-linear" in targets:
+            check(targets == ("all-linear",), "target_modules",
+                  f"all-linear stands for all seven projections; do not list others with it (got {list(targets)})")
+            targets = ALL_TARGETS
         unknown = [t for t in targets if t not in TARGETS]
-        if unknown:
-            raise ValueError(f"lora target_modules {unknown} unknown; supported: {list(ALL_TARGETS)} "
-                             f"(or 'all-linear')")
-        if not targets:
-            raise ValueError("lora target_modules is empty; name at least one of " + ", ".join(ALL_TARGETS))
+        check(not unknown, "target_modules", f"{unknown} unknown; supported: {list(ALL_TARGETS)} (or all-linear)")
+        check(bool(targets), "target_modules", "is empty; name at least one of " + ", ".join(ALL_TARGETS))
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -101,33 +98,36 @@ class LoraConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes, axes, init
-
-
-def _dims(cfg: ModelConfig) -> dict[str, int]:
-    return {"embed": cfg.hidden_size, "mlp": cfg.intermediate_size,
-            "q_heads": cfg.num_heads * cfg.head_dim, "kv_heads": cfg.num_kv_heads * cfg.head_dim}
+# shapes, axes, init: from the kernel declarations (an adapter of kernel [L, in, out] is A [L, in, r],
+# B [L, r, out], with the kernel's in/out axes and the rank replicated)
 
 
 def _tree(lora_cfg: LoraConfig, leaf) -> Params:
     out: dict = {"layers": {}}
     for name in lora_cfg.target_modules:
-        block, a_in, a_out = TARGETS[name]
-        out["layers"].setdefault(block, {})[name] = leaf(name, a_in, a_out)
+        decl = TARGETS[name]
+        out["layers"].setdefault(decl.block, {})[name] = leaf(decl)
     return out
+
+
+def _leaf_shapes(model_cfg: ModelConfig, decl: Param, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape of lora_a, shape of lora_b) of the adapter of `decl`."""
+    sizes, (a_in, a_out) = axis_sizes(model_cfg), decl.lora_axes
+    return (model_cfg.num_layers, sizes[a_in], rank), (model_cfg.num_layers, rank, sizes[a_out])
 
 
 def lora_axes(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:
     """Logical axis names of every LoRA leaf: the in/out axes of the base kernel, rank replicated."""
-    return _tree(lora_cfg, lambda n, i, o: {"lora_a": ("layers", i, "lora_rank"),
-                                            "lora_b": ("layers", "lora_rank", o)})
+    return _tree(lora_cfg, lambda d: {"lora_a": ("layers", d.lora_axes[0], "lora_rank"),
+                                      "lora_b": ("layers", "lora_rank", d.lora_axes[1])})
 
 
 def lora_shapes(model_cfg: ModelConfig, lora_cfg: LoraConfig, dtype=jnp.float32) -> Params:
     """jax.ShapeDtypeStruct of every LoRA leaf."""
-    d, L, r = _dims(model_cfg), model_cfg.num_layers, lora_cfg.rank
-    return _tree(lora_cfg, lambda n, i, o: {"lora_a": jax.ShapeDtypeStruct((L, d[i], r), dtype),
-                                            "lora_b": jax.ShapeDtypeStruct((L, r, d[o]), dtype)})
+    def leaf(decl):
+        a, b = _leaf_shapes(model_cfg, decl, lora_cfg.rank)
+        return {"lora_a": jax.ShapeDtypeStruct(a, dtype), "lora_b": jax.ShapeDtypeStruct(b, dtype)}
+    return _tree(lora_cfg, leaf)
 
 
 def lora_shardings(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh: Mesh, rules: dict | None = None) -> Params:
@@ -146,7 +146,7 @@ def init_lora(model_cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array, dtyp
     def build(key):
         out: dict = {"layers": {}}
         for j, name in enumerate(lora_cfg.target_modules):
-            block = TARGETS[name][0]
+            block = TARGETS[name].block
             s_a, s_b = shapes["layers"][block][name]["lora_a"], shapes["layers"][block][name]["lora_b"]
             bound = 1.0 / math.sqrt(s_a.shape[1])
             a = jax.random.uniform(jax.random.fold_in(key, j), s_a.shape, jnp.float32, -bound, bound)
@@ -166,26 +166,25 @@ def count_params(lora: Params) -> int:
 def _modules(lora: Params):
     """Yield (module name, block, {"lora_a", "lora_b"}) in canonical order."""
     layers = lora.get("layers", {}) if isinstance(lora, dict) else {}
-    for block in ("self_attn", "mlp"):
+    blocks = tuple(dict.fromkeys(d.block for d in TARGETS.values()))
+    for block in blocks:
         for name, leaves in (layers.get(block) or {}).items():
-            if name not in TARGETS or TARGETS[name][0] != block:
+            if name not in TARGETS or TARGETS[name].block != block:
                 raise ValueError(f"LoRA tree has layers/{block}/{name}, which is not a LoRA target; "
                                  f"supported: {list(ALL_TARGETS)}")
             yield name, block, leaves
-    extra = set(layers) - {"self_attn", "mlp"}
+    extra = set(layers) - set(blocks)
     if extra or set(lora) - {"layers"}:
         raise ValueError(f"LoRA tree has unexpected entries {sorted(extra | (set(lora) - {'layers'}))}")
 
 
 def check_lora(lora: Params, model_cfg: ModelConfig) -> int:
     """Validate a LoRA tree against the model; returns the rank."""
-    d, L = _dims(model_cfg), model_cfg.num_layers
     ranks = set()
     for name, block, leaves in _modules(lora):
-        _, a_in, a_out = TARGETS[name]
         a, b = leaves["lora_a"], leaves["lora_b"]
         r = a.shape[-1]
-        want_a, want_b = (L, d[a_in], r), (L, r, d[a_out])
+        want_a, want_b = _leaf_shapes(model_cfg, TARGETS[name], r)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ValueError(f"LoRA layers/{block}/{name}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} "
                              f"do not fit the model (expected {want_a} / {want_b})")
@@ -227,8 +226,7 @@ def merge(params: Params, lora: Params, scale: float) -> Params:
 # PEFT export
 
 
-def _hf_module(block: str, name: str) -> str:
-    return "base_model.model.model.layers.{i}." + block + "." + name
+_PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the base model's module names
 
 
 def peft_tensors(lora: Params, dtype=None):
@@ -238,7 +236,7 @@ def peft_tensors(lora: Params, dtype=None):
         if dtype is not None:
             a, b = a.astype(np.dtype(jnp.dtype(dtype))), b.astype(np.dtype(jnp.dtype(dtype)))
         for i in range(a.shape[0]):
-            key = _hf_module(block, name).format(i=i)
+            key = _PEFT_PREFIX + TARGETS[name].peft_module.format(i=i)
             yield key + ".lora_A.weight", np.ascontiguousarray(a[i].T)
             yield key + ".lora_B.weight", np.ascontiguousarray(b[i].T)
 
@@ -313,8 +311,30 @@ _UNSUPPORTED = (
      "an initialisation that rewrites the base weights (convert the adapter to plain LoRA first)"),
 )
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
-                  r"lora_(A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+
+
+def _module_pattern(decl: Param) -> re.Pattern:
+    """The HF module name of a declaration as a regex; the layer index is its group."""
+    return re.compile(re.escape(decl.peft_module).replace(re.escape("{i}"), r"(\d+)"))
+
+
+_MODULE_PATTERNS = {name: _module_pattern(decl) for name, decl in TARGETS.items()}
+
+
+def _parse_lora_key(key: str) -> tuple[int, str, str] | None:
+    """(layer, target, "A" | "B") of a PEFT tensor name, with or without "base_model.model." and the
+    adapter name; a module name that lacks the base model's leading "model." is accepted too."""
+    m = _LORA_KEY.match(key)
+    if not m:
+        return None
+    module = m.group("module")
+    for candidate in (module, "model." + module):
+        for name, pattern in _MODULE_PATTERNS.items():
+            hit = pattern.fullmatch(candidate)
+            if hit:
+                return int(hit.group(1)), name, m.group("ab")
+    return None
 
 
 def _resolve_targets(targets: Any, source: str, num_layers: int) -> tuple[str, ...]:
@@ -322,10 +342,12 @@ def _resolve_targets(targets: Any, source: str, num_layers: int) -> tuple[str, .
     equals an entry or ends with "." + entry (peft itself saves "all-linear" as the list of full
     module paths); a string is a regex that must match the full name; "all-linear" is every linear
     layer except the lm head. Every layer must get the same set of targets."""
-    modules = {f"model.layers.{i}.{blk}.{n}": (i, n) for i in range(num_layers) for n, (blk, _, _) in TARGETS.items()}
-    others = ["model.embed_tokens", "lm_head", "model.norm"] + [
-        f"model.layers.{i}.{m}" for i in range(num_layers)
-        for m in ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm")]
+    def each_layer(template):
+        return [template.format(i=i) for i in range(num_layers)] if "{i}" in template else [template]
+    modules = {m: (i, n) for n, d in TARGETS.items() for i, m in enumerate(each_layer(d.peft_module))}
+    lora_modules = {d.peft_module for d in TARGETS.values()}
+    others = [m for t in dict.fromkeys(p.peft_module for p in PARAMS if not p.lora) if t not in lora_modules
+              for m in each_layer(t)]
     if targets == "all-linear" or targets == ["all-linear"]:
         return ALL_TARGETS
     if isinstance(targets, str):
@@ -430,15 +452,15 @@ def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig, dtype=jnp.float32
         f = SafetensorsFile(wpath)
     except CheckpointError as e:  # truncated or corrupt: the same message, as an adapter error
         raise AdapterError(str(e)) from None
-    L, r, dims = model_cfg.num_layers, lora_cfg.rank, _dims(model_cfg)
+    L, r = model_cfg.num_layers, lora_cfg.rank
     found: dict[tuple[str, str], dict[int, str]] = {}
     unknown = []
     for k in f.keys():
-        m = _KEY.match(k)
-        if not m or m.group(3) not in TARGETS or TARGETS[m.group(3)][0] != m.group(2):
+        parsed = _parse_lora_key(k)
+        if parsed is None:
             unknown.append(k)
             continue
-        i, name, ab = int(m.group(1)), m.group(3), m.group(4)
+        i, name, ab = parsed
         if i >= L:
             raise AdapterError(f"{wpath}: tensor {k} is for layer {i}, but the model has {L} layers")
         slot = found.setdefault((name, ab), {})
@@ -457,9 +479,11 @@ def load_peft(adapter_dir: str | Path, model_cfg: ModelConfig, dtype=jnp.float32
     shardings = None if mesh is None else lora_shardings(model_cfg, lora_cfg, mesh, rules)
     lora: dict = {"layers": {}}
     for name in lora_cfg.target_modules:
-        block, a_in, a_out = TARGETS[name]
+        block = TARGETS[name].block
+        shape_a, shape_b = _leaf_shapes(model_cfg, TARGETS[name], r)
         leaves = {}
-        for ab, leaf, want in (("A", "lora_a", (r, dims[a_in])), ("B", "lora_b", (dims[a_out], r))):
+        # PEFT stores A as [r, in] and B as [out, r]: one layer of ours, transposed
+        for ab, leaf, want in (("A", "lora_a", shape_a[:0:-1]), ("B", "lora_b", shape_b[:0:-1])):
             slot = found.get((name, ab), {})
             missing = [i for i in range(L) if i not in slot]
             if missing:

@@ -1,9 +1,12 @@
-"""The decoder: Llama 3.x, Qwen2/2.5 and Qwen3 as one pure function.
+"""The decoder: Llama 3.x, Qwen2/2.5 and Qwen3 as one Flax (linen) module, used as a pure function.
 
 The families differ only by flags of `ModelConfig`: qkv bias (Qwen2), per-head q/k RMSNorm
-(Qwen3), rope scaling ("llama3", "linear"), tied embeddings, head_dim. Parameters are a plain
-nested dict with HF-derived names; the decoder layers are stacked on a leading axis and run
-with `lax.scan`, so compile time does not grow with depth.
+(Qwen3), rope scaling ("llama3", "linear"), tied embeddings, head_dim. Every parameter is declared
+once in params.py (logical axes, initializer, HF name) and created by the module that uses it
+through `nn.with_logical_partitioning`; `Decoder.apply({"params": params, "lora": lora}, ...)` takes
+the plain nested dicts of HF-derived names. The decoder layers are one `nn.scan` over a stacked
+leading axis (logical axis "layers"), wrapped in `nn.remat` with a named policy, so compile time
+does not grow with depth.
 
 Parameter tree (kernels are [in, out], i.e. HF's [out, in] transposed; L = num_layers)::
 
@@ -17,132 +20,52 @@ Parameter tree (kernels are [in, out], i.e. HF's [out, in] transposed; L = num_l
     norm/scale                        [E]
     lm_head/kernel                    [E, V]                          (untied only)
 
-A LoRA tree (see lora.py) mirrors the targeted projections: {"lora_a": [L, in, r], "lora_b":
-[L, r, out]}; each targeted projection computes x W + scale * (x A) B.
+A LoRA tree (see lora.py) is the module's second variable collection, "lora": it mirrors the
+targeted projections, {"lora_a": [L, in, r], "lora_b": [L, r, out]}; each targeted projection
+computes x W + scale * (x A) B, and the base tree is never modified.
+
+Plain JAX, not Flax: the lm head (`lm_head`, `lm_head_kernel`: losses take the raw [E, V] kernel to
+chunk the vocabulary), the KV cache (a value carried through the layer scan, not a mutable
+collection), rope, `init_params` (one key per leaf, so seeded weights do not change).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jsdr.model.attention import attention
+from jsdr.model.params import ModelConfig, by_path
 from jsdr.sharding import constrain
+
+__all__ = ["ModelConfig", "Params", "Model", "Decoder", "forward_hidden", "forward", "lm_head", "lm_head_kernel",
+           "init_cache", "CACHE_AXES", "CACHE_SEQ_AXIS", "param_axes", "param_shapes", "init_params",
+           "positions_from_segments", "rope_inv_freq", "REMAT_POLICIES"]
 
 Params = dict[str, Any]
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_POLICIES = tuple(_POLICIES)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: tuple | None = None  # sorted (key, value) pairs of the HF rope dict, or None
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False  # Llama's attention_bias=true also biases o_proj; Qwen2 does not
-    qk_norm: bool = False
-    max_position_embeddings: int = 32768
-    model_type: str = "qwen3"
-
-    def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_kv_heads}")
-
-    @property
-    def rope(self) -> dict:
-        return dict(self.rope_scaling or ())
-
-    def num_params(self) -> int:
-        return sum(math.prod(s.shape) for s in jax.tree.leaves(param_shapes(self)))
+def _check_remat(policy: str) -> None:
+    if policy not in _POLICIES:
+        raise ValueError(f"remat policy {policy!r} unknown; choose one of {REMAT_POLICIES}")
 
 
 # ---------------------------------------------------------------------------------------------
-# parameter shapes and logical axes
-
-
-def param_axes(cfg: ModelConfig) -> Params:
-    """Logical axis names of every parameter (same tree structure as the params)."""
-    attn = {
-        "q_proj": {"kernel": ("layers", "embed", "q_heads")},
-        "k_proj": {"kernel": ("layers", "embed", "kv_heads")},
-        "v_proj": {"kernel": ("layers", "embed", "kv_heads")},
-        "o_proj": {"kernel": ("layers", "q_heads", "embed")},
-    }
-    if cfg.qkv_bias:
-        attn["q_proj"]["bias"] = ("layers", "q_heads")
-        attn["k_proj"]["bias"] = ("layers", "kv_heads")
-        attn["v_proj"]["bias"] = ("layers", "kv_heads")
-    if cfg.o_bias:
-        attn["o_proj"]["bias"] = ("layers", "embed")
-    if cfg.qk_norm:
-        attn["q_norm"] = {"scale": ("layers", "head_dim")}
-        attn["k_norm"] = {"scale": ("layers", "head_dim")}
-    tree = {
-        "embed_tokens": {"embedding": ("vocab", "embed")},
-        "layers": {
-            "input_layernorm": {"scale": ("layers", "norm")},
-            "self_attn": attn,
-            "post_attention_layernorm": {"scale": ("layers", "norm")},
-            "mlp": {
-                "gate_proj": {"kernel": ("layers", "embed", "mlp")},
-                "up_proj": {"kernel": ("layers", "embed", "mlp")},
-                "down_proj": {"kernel": ("layers", "mlp", "embed")},
-            },
-        },
-        "norm": {"scale": ("norm",)},
-    }
-    if not cfg.tie_word_embeddings:
-        tree["lm_head"] = {"kernel": ("embed", "vocab")}
-    return tree
-
-
-def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
-    """jax.ShapeDtypeStruct for every parameter (no memory is allocated)."""
-    L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    HD, KD, D = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    dims = {"layers": L, "embed": E, "mlp": F, "vocab": V, "q_heads": HD, "kv_heads": KD,
-            "head_dim": D, "norm": E}
-
-    def shape_of(axes):
-        return jax.ShapeDtypeStruct(tuple(dims[a] for a in axes), dtype)
-
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
-    return jax.tree.map(shape_of, param_axes(cfg), is_leaf=is_axes)
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal(0, std) matrices, unit norms) for tests and from-scratch models."""
-    shapes = param_shapes(cfg, dtype)
-    leaves, treedef = jax.tree.flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, s), k in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            out.append(jnp.ones(s.shape, dtype))
-        elif "bias" in name:
-            out.append(jnp.zeros(s.shape, dtype))
-        else:
-            out.append((std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(jax.tree.structure(shapes), out)
-
-
-# ---------------------------------------------------------------------------------------------
-# building blocks
+# building blocks (plain functions of arrays)
 
 
 def rms_norm(x, scale, eps):
@@ -153,8 +76,8 @@ def rms_norm(x, scale, eps):
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     """Inverse frequencies [D/2] including the rope scaling of the config."""
-    D = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    head_dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     rope = cfg.rope
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
@@ -191,7 +114,7 @@ def dense(x, p: Params, lora: Params | None, lora_scale: float, dropout: tuple[f
     dropout: (rate, key) applies inverted dropout to the LoRA input only (as PEFT's lora_dropout).
     """
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
-    if "bias" in p:
+    if p.get("bias") is not None:
         y = y + p["bias"].astype(x.dtype)
     if lora is not None:
         a, b = lora["lora_a"].astype(x.dtype), lora["lora_b"].astype(x.dtype)
@@ -204,82 +127,247 @@ def dense(x, p: Params, lora: Params | None, lora_scale: float, dropout: tuple[f
     return y
 
 
-def _sub(tree, *keys):
-    for k in keys:
-        if tree is None:
-            return None
-        tree = tree.get(k)
-    return tree
+# ---------------------------------------------------------------------------------------------
+# Flax modules. Each parameter comes from its declaration in params.py, found by the module's path.
 
 
-def decoder_layer(cfg: ModelConfig, h, lp: Params, ll: Params | None, lora_scale, positions,
-                  segment_ids, kv_cache, cache_index, inv_freq, attn_impl, lora_dropout=None):
-    """One decoder layer. kv_cache: None or (k [L,B,K,D,S], v [L,B,K,S,D], layer index, cache segment
-    ids [B,S]): the whole stacked cache (see `init_cache`), of which only this layer's new slots are
-    written (in place when the cache is a loop carry), so a decode step never copies the cache.
+def _declare(module: nn.Module, leaf: str, cfg: ModelConfig, dtype) -> jax.Array | None:
+    """The parameter `leaf` of `module` as declared in params.py (None when `cfg` has no such
+    parameter). Stacked parameters are declared per layer; `nn.scan` adds the "layers" axis."""
+    decl = by_path(cfg).get(tuple(module.scope.path) + (leaf,))
+    if decl is None:
+        return None
+    axes, shape = decl.axes, decl.shape(cfg)
+    if decl.stacked:
+        axes, shape = axes[1:], shape[1:]
+    return module.param(leaf, nn.with_logical_partitioning(decl.initializer(), axes), shape, dtype)
 
-    lora_dropout: None or (rate, key of this layer); each projection draws its own mask.
+
+class Linear(nn.Module):
+    """`dense` with its kernel (and bias) declared in params.py and its LoRA leaves, when the adapter
+    targets it, read from the "lora" collection."""
+
+    cfg: ModelConfig
+    lora_scale: float = 1.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, dropout=None):
+        p = {"kernel": _declare(self, "kernel", self.cfg, self.param_dtype),
+             "bias": _declare(self, "bias", self.cfg, self.param_dtype)}
+        lora = None
+        if self.has_variable("lora", "lora_a"):
+            lora = {"lora_a": self.get_variable("lora", "lora_a"), "lora_b": self.get_variable("lora", "lora_b")}
+        return dense(x, p, lora, self.lora_scale, dropout)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return rms_norm(x, _declare(self, "scale", self.cfg, self.param_dtype), self.cfg.rms_norm_eps)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    attn_impl: str = "xla"
+    lora_scale: float = 1.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, inv_freq, kv_cache, cache_index, drop):
+        """kv_cache: None or (k [L,B,K,D,S], v [L,B,K,S,D], layer index, cache segment ids [B,S]):
+        the whole stacked cache (see `init_cache`), of which only this layer's new slots are written
+        (in place when the cache is a loop carry), so a decode step never copies the cache."""
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        linear = functools.partial(Linear, cfg, self.lora_scale, self.param_dtype)
+        q = linear(name="q_proj")(x, drop(0)).reshape(batch, length, heads, head_dim)
+        k = linear(name="k_proj")(x, drop(1)).reshape(batch, length, kv_heads, head_dim)
+        v = linear(name="v_proj")(x, drop(2)).reshape(batch, length, kv_heads, head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg, self.param_dtype, name="k_norm")(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+
+        if kv_cache is None:
+            o = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_offset=0, causal=True,
+                          impl=self.attn_impl)
+            new_cache = None
+        else:
+            ck_all, cv_all, layer, cache_segment_ids = kv_cache  # [L, B, K, D, S] / [L, B, K, S, D]
+            ck_all = jax.lax.dynamic_update_slice(ck_all, k.transpose(0, 2, 3, 1)[None].astype(ck_all.dtype),
+                                                  (layer, 0, 0, 0, cache_index))
+            cv_all = jax.lax.dynamic_update_slice(cv_all, v.transpose(0, 2, 1, 3)[None].astype(cv_all.dtype),
+                                                  (layer, 0, 0, cache_index, 0))
+            ck = constrain(jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False), CACHE_AXES["k"][1:])
+            cv = constrain(jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False), CACHE_AXES["v"][1:])
+            o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_segment_ids=segment_ids,
+                          kv_segment_ids=cache_segment_ids, q_offset=cache_index, causal=True,
+                          impl="xla" if self.attn_impl == "pallas" else self.attn_impl, kv_layout="cache")
+            new_cache = (ck_all, cv_all)
+        o = linear(name="o_proj")(o.reshape(batch, length, heads * head_dim), drop(3))
+        return o, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    lora_scale: float = 1.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, drop):
+        linear = functools.partial(Linear, self.cfg, self.lora_scale, self.param_dtype)
+        gate = linear(name="gate_proj")(x, drop(4))
+        up = linear(name="up_proj")(x, drop(5))
+        gate = constrain(gate, ("act_batch", "act_seq", "act_mlp"))
+        return linear(name="down_proj")(jax.nn.silu(gate) * up, drop(6))
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer, the body of the layer scan.
+
+    carry: h [B, T, E], or (h, cache k, cache v) when decoding with a KV cache. xs: (LoRA dropout key
+    of this layer or None, layer index). The other arguments are the same for every layer.
     """
-    B, T, _ = h.shape
-    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    attn_p, attn_l = lp["self_attn"], _sub(ll, "self_attn")
 
-    def drop(i):
-        if lora_dropout is None:
-            return None
-        return lora_dropout[0], jax.random.fold_in(lora_dropout[1], i)
+    cfg: ModelConfig
+    attn_impl: str = "xla"
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    param_dtype: Any = jnp.float32
 
-    x = rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q = dense(x, attn_p["q_proj"], _sub(attn_l, "q_proj"), lora_scale, drop(0)).reshape(B, T, H, D)
-    k = dense(x, attn_p["k_proj"], _sub(attn_l, "k_proj"), lora_scale, drop(1)).reshape(B, T, K, D)
-    v = dense(x, attn_p["v_proj"], _sub(attn_l, "v_proj"), lora_scale, drop(2)).reshape(B, T, K, D)
-    if cfg.qk_norm:
-        q = rms_norm(q, attn_p["q_norm"]["scale"], cfg.rms_norm_eps)
-        k = rms_norm(k, attn_p["k_norm"]["scale"], cfg.rms_norm_eps)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-    k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+    @nn.compact
+    def __call__(self, carry, xs, positions, segment_ids, inv_freq, cache_segment_ids, cache_index):
+        cfg = self.cfg
+        drop_key, layer = xs
+        cached = isinstance(carry, tuple)
+        h = carry[0] if cached else carry
 
-    if kv_cache is None:
-        o = attention(q, k, v, segment_ids, segment_ids, 0, True, attn_impl)
-        new_cache = None
-    else:
-        ck_all, cv_all, layer, cseg = kv_cache  # [L, B, K, D, S] / [L, B, K, S, D]
-        ck_all = jax.lax.dynamic_update_slice(ck_all, k.transpose(0, 2, 3, 1)[None].astype(ck_all.dtype),
-                                              (layer, 0, 0, 0, cache_index))
-        cv_all = jax.lax.dynamic_update_slice(cv_all, v.transpose(0, 2, 1, 3)[None].astype(cv_all.dtype),
-                                              (layer, 0, 0, cache_index, 0))
-        ck = constrain(jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False), CACHE_AXES["k"][1:])
-        cv = constrain(jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False), CACHE_AXES["v"][1:])
-        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), segment_ids, cseg, cache_index, True,
-                      "xla" if attn_impl == "pallas" else attn_impl, kv_layout="cache")
-        new_cache = (ck_all, cv_all)
-    o = dense(o.reshape(B, T, H * D), attn_p["o_proj"], _sub(attn_l, "o_proj"), lora_scale, drop(3))
-    h = h + o
-    h = constrain(h, ("act_batch", "act_seq", "act_embed"))
+        def drop(i):  # each projection draws its own dropout mask
+            return None if drop_key is None else (self.lora_dropout, jax.random.fold_in(drop_key, i))
 
-    mlp_p, mlp_l = lp["mlp"], _sub(ll, "mlp")
-    x = rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    g = dense(x, mlp_p["gate_proj"], _sub(mlp_l, "gate_proj"), lora_scale, drop(4))
-    u = dense(x, mlp_p["up_proj"], _sub(mlp_l, "up_proj"), lora_scale, drop(5))
-    g = constrain(g, ("act_batch", "act_seq", "act_mlp"))
-    y = dense(jax.nn.silu(g) * u, mlp_p["down_proj"], _sub(mlp_l, "down_proj"), lora_scale, drop(6))
-    h = constrain(h + y, ("act_batch", "act_seq", "act_embed"))
-    return h, new_cache
+        x = RMSNorm(cfg, self.param_dtype, name="input_layernorm")(h)
+        kv_cache = (carry[1], carry[2], layer, cache_segment_ids) if cached else None
+        o, new_cache = Attention(cfg, self.attn_impl, self.lora_scale, self.param_dtype, name="self_attn")(
+            x, positions, segment_ids, inv_freq, kv_cache, cache_index, drop)
+        h = constrain(h + o, ("act_batch", "act_seq", "act_embed"))
+        x = RMSNorm(cfg, self.param_dtype, name="post_attention_layernorm")(h)
+        y = MLP(cfg, self.lora_scale, self.param_dtype, name="mlp")(x, drop)
+        h = constrain(h + y, ("act_batch", "act_seq", "act_embed"))
+        return ((h,) + new_cache if cached else h), None
 
 
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    }
-    if policy not in policies:
-        raise ValueError(f"remat policy {policy!r} unknown; choose one of {REMAT_POLICIES}")
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+class Decoder(nn.Module):
+    """The whole decoder up to the final norm. Variables: "params" (the base tree) and optionally
+    "lora" (the adapter tree). Returns hidden states [B, T, E] (and the new cache with `cache`)."""
+
+    cfg: ModelConfig
+    attn_impl: str = "xla"
+    remat: str = "none"
+    dtype: Any = None  # compute dtype; None = the dtype of the embedding
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    param_dtype: Any = jnp.float32  # dtype of parameters created by `init`
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids, cache=None, drop_keys=None):
+        cfg = self.cfg
+        _check_remat(self.remat)
+        embedding = _Embed(cfg, self.param_dtype, name="embed_tokens")()
+        if self.is_initializing() and not cfg.tie_word_embeddings:
+            _HeadKernel(cfg, self.param_dtype, name="lm_head")()  # declared here, read by lm_head_kernel
+        dtype = self.dtype or embedding.dtype
+        tokens = constrain(tokens, ("act_batch", "act_seq"))
+        h = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        h = constrain(h, ("act_batch", "act_seq", "act_embed"))
+        inv_freq = rope_inv_freq(cfg)
+
+        layer = DecoderLayer
+        if self.remat != "none":
+            layer = nn.remat(layer, policy=_POLICIES[self.remat], prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = layers(cfg, self.attn_impl, self.lora_scale, self.lora_dropout, self.param_dtype, name="layers")
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if cache is None:
+            h, _ = layers(h, (drop_keys, layer_ids), positions, segment_ids, inv_freq, None, 0)
+            new_cache = None
+        else:
+            idx = cache["index"]
+            cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), idx, axis=1)
+            (h, ks, vs), _ = layers((h, cache["k"], cache["v"]), (drop_keys, layer_ids), positions, segment_ids,
+                                    inv_freq, cache_segment_ids, idx)
+            new_cache = {"k": ks, "v": vs, "segment_ids": cache_segment_ids, "index": idx + tokens.shape[1]}
+        h = RMSNorm(cfg, self.param_dtype, name="norm")(h)
+        return h if cache is None else (h, new_cache)
+
+
+class _Embed(nn.Module):
+    cfg: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return _declare(self, "embedding", self.cfg, self.param_dtype)
+
+
+class _HeadKernel(nn.Module):
+    cfg: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return _declare(self, "kernel", self.cfg, self.param_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter shapes and logical axes: the abstract `Decoder.init` (no memory is allocated)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(cfg: ModelConfig, dtype_name: str) -> Params:
+    """The boxed (nn.LogicallyPartitioned) parameter tree of `Decoder.init`, shapes only."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    model = Decoder(cfg, param_dtype=jnp.dtype(dtype_name))
+    return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens)["params"]
+
+
+def _unboxed(cfg: ModelConfig, dtype, fn) -> Params:
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(fn, _abstract_params(cfg, jnp.dtype(dtype).name), is_leaf=is_box)
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter (same tree structure as the params), as the Flax
+    module declares them (`nn.with_logical_partitioning`, "layers" added by the layer scan)."""
+    return _unboxed(cfg, jnp.float32, lambda box: tuple(box.names))
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
+    """jax.ShapeDtypeStruct for every parameter (no memory is allocated)."""
+    return _unboxed(cfg, dtype, lambda box: box.value)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (the declared initializers: normal(0, std) matrices, unit norms, zero
+    biases) for tests and from-scratch models. One key per leaf, split in tree order (not Flax's
+    per-path keys), so a seed gives the same weights as before the model moved to Flax."""
+    shapes = param_shapes(cfg, dtype)
+    decls = by_path(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    out = [decls[tuple(k.key for k in path)].initializer(std)(leaf_key, s.shape, dtype)
+           for (path, s), leaf_key in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, out)
 
 
 # Logical axes of the KV cache. Keys are stored [L, B, K, D, S] and values [L, B, K, S, D]: the two
@@ -294,9 +382,14 @@ CACHE_SEQ_AXIS = {name: axes.index("cache_seq") for name, axes in CACHE_AXES.ite
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
     """An empty KV cache for `length` slots: k [L, B, K, D, S], v [L, B, K, S, D] (see CACHE_AXES),
     segment ids [B, S] (0 = empty slot), write index."""
-    L, K, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    return {"k": jnp.zeros((L, batch, K, D, length), dtype), "v": jnp.zeros((L, batch, K, length, D), dtype),
+    layers, kv_heads, head_dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    return {"k": jnp.zeros((layers, batch, kv_heads, head_dim, length), dtype),
+            "v": jnp.zeros((layers, batch, kv_heads, length, head_dim), dtype),
             "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward as pure functions of plain trees
 
 
 def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelConfig, lora: Params | None = None,
@@ -309,48 +402,17 @@ def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelCon
     `cache["index"]` and attend to everything written before them. lora_dropout: (rate, PRNG key)
     drops the input of every LoRA path (training only; the rate is static, the key may be traced).
     """
-    dtype = dtype or params["embed_tokens"]["embedding"].dtype
-    tokens = constrain(tokens, ("act_batch", "act_seq"))
-    h = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
-    h = constrain(h, ("act_batch", "act_seq", "act_embed"))
-    inv_freq = rope_inv_freq(cfg)
-    layer_lora = None if lora is None else lora.get("layers")
-    T = tokens.shape[1]
-    rate = 0.0
-    drop_keys = None  # one key per layer, scanned with the weights
-    if lora_dropout is not None and layer_lora is not None:
+    _check_remat(remat)
+    rate, drop_keys = 0.0, None  # one dropout key per layer, scanned with the weights
+    if lora_dropout is not None and lora is not None and lora.get("layers") is not None:
         rate = float(lora_dropout[0])
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"lora_dropout rate {rate} must be in [0, 1)")
         if rate > 0:
             drop_keys = jax.random.split(lora_dropout[1], cfg.num_layers)
-    layer_drop = lambda k: None if k is None else (rate, k)
-
-    if cache is None:
-        def body(h, xs):
-            lp, ll, dk = xs
-            h, _ = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, None, 0, inv_freq, attn_impl,
-                                 layer_drop(dk))
-            return h, None
-        h, _ = jax.lax.scan(_remat(body, remat), h, (params["layers"], layer_lora, drop_keys))
-        new_cache = None
-    else:
-        idx = cache["index"]
-        cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), idx, axis=1)
-
-        def body(carry, xs):
-            h, ck, cv = carry
-            lp, ll, dk, layer = xs
-            h, (ck, cv) = decoder_layer(cfg, h, lp, ll, lora_scale, positions, segment_ids, (ck, cv, layer, cseg),
-                                        idx, inv_freq, attn_impl, layer_drop(dk))
-            return (h, ck, cv), None
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, ks, vs), _ = jax.lax.scan(_remat(body, remat), (h, cache["k"], cache["v"]),
-                                      (params["layers"], layer_lora, drop_keys, layers))
-        new_cache = {"k": ks, "v": vs, "segment_ids": cseg, "index": idx + T}
-
-    h = rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
-    return h if cache is None else (h, new_cache)
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    model = Decoder(cfg, attn_impl=attn_impl, remat=remat, dtype=dtype, lora_scale=lora_scale, lora_dropout=rate)
+    return model.apply(variables, tokens, positions, segment_ids, cache=cache, drop_keys=drop_keys)
 
 
 def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:

@@ -3,10 +3,11 @@
     flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offset=0, *,
                     causal=True, scale=None, block_sizes=None, interpret=None) -> [B, T, H, D]
 
-Semantics are exactly those of `jsdr.model.attention` (and of `reference_attention` below, the
-readable specification): q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (grouped-query
-attention: query head h reads kv head h // (H // K); K/V are never repeated in memory, the kernels
-index the kv head in their BlockSpec index maps). Segment ids are int [B, T] / [B, S]; 0 is padding,
+Semantics are those of `reference_attention` below, the readable specification (and of
+`jsdr.model.attention.attention`, which serves this kernel as `impl="pallas"`): q [B, T, H, D];
+k, v [B, S, K, D] with H a multiple of K (grouped-query attention: query head h reads kv head
+h // (H // K); K/V are never repeated in memory, the kernels index the kv head in their BlockSpec
+index maps). Segment ids are int [B, T] / [B, S]; 0 is padding,
 equal non-zero ids attend to each other (packing). With `causal`, query i sits at slot
 `q_offset + i` of the key array and sees key slots <= its own (`q_offset` may be a traced scalar).
 A query that sees no key returns zeros (and gets zero gradient), never NaN.
@@ -26,9 +27,10 @@ that are kept). Training shapes (T a multiple of 128, head_dim 64/128) need no p
 
 Backends: on GPU the kernels lower through Pallas' Triton backend (`pl.pallas_call` with Triton
 compiler params); elsewhere (CPU tests) they run in Pallas interpret mode, chosen automatically.
-Under an active `jsdr.sharding.use_mesh`, the kernel runs inside `shard_map` over the batch
-(and the heads where both H and K divide the tensor axis), because a GPU custom call cannot be
-partitioned by XLA.
+
+This module is a leaf: it imports nothing from `jsdr` and registers nothing on import. A GPU custom
+call cannot be partitioned by XLA, so on a sharded mesh the caller runs `flash_attention` per shard
+inside `shard_map`: `jsdr.model.attention` does that (batch over data/fsdp, heads over tensor).
 """
 
 from __future__ import annotations
@@ -48,10 +50,8 @@ try:  # the Triton flavour of Pallas (GPU compiler params); absent on some build
 except ImportError:  # pragma: no cover
     plgpu = None
 
-from jsdr.model.attention import register
-
 __all__ = ["BlockSizes", "default_block_sizes", "gpu_generation", "flash_attention",
-           "reference_attention", "pallas_attention"]
+           "reference_attention"]
 
 _LOG2E = math.log2(math.e)
 _MASKED = -1e30  # logit (base-2 units) of a masked entry; finite so that max/exp never see inf - inf
@@ -463,33 +463,6 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offset=0
     qseg, kseg = _pad_axis(qseg, 1, Tp), _pad_axis(kseg, 1, Sp)  # padding rows/keys: segment 0
     qslot = jnp.arange(Tp, dtype=jnp.int32) + jnp.asarray(q_offset, jnp.int32)
 
-    out = _sharded(functools.partial(_flash, cfg), qp, kp, vp, qseg, kseg, qslot)
+    out = _flash(cfg, qp, kp, vp, qseg, kseg, qslot)
     return out[:, :T, :, :D]
 
-
-def _sharded(fn, q, k, v, qseg, kseg, qslot):
-    """Run `fn` per shard under an active jsdr mesh (batch over data/fsdp, heads over tensor)."""
-    from jsdr import sharding  # local: keeps the kernel importable without the mesh machinery
-
-    mesh = sharding.active_mesh()
-    if mesh is None or mesh.size == 1:
-        return fn(q, k, v, qseg, kseg, qslot)
-    B, _, H, _ = q.shape
-    K = k.shape[2]
-    batch = sharding.logical_to_spec(("act_batch",), (B,), mesh)[0]
-    heads = sharding.logical_to_spec(("act_heads",), (H,), mesh)[0]
-    kv_heads = sharding.logical_to_spec(("act_kv_heads",), (K,), mesh)[0]
-    if heads != kv_heads:  # the group of a local q head must be a local kv head
-        heads = kv_heads = None
-    P = jax.sharding.PartitionSpec
-    f = jax.shard_map(fn, mesh=mesh, check_vma=False,
-                      in_specs=(P(batch, None, heads, None), P(batch, None, kv_heads, None),
-                                P(batch, None, kv_heads, None), P(batch, None), P(batch, None), P(None)),
-                      out_specs=P(batch, None, heads, None))
-    return f(q, k, v, qseg, kseg, qslot)
-
-
-@register("pallas")
-def pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, scale):
-    """The `impl="pallas"` entry of `jsdr.model.attention.attention`."""
-    return flash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, scale=scale)

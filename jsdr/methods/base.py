@@ -1,0 +1,159 @@
+"""What a training method is, to the trainer.
+
+A method owns its host-side work: which tokens it needs from each record (`prepare`), how one
+optimizer step's records become a batch (`make_batch`: rollouts, grading, advantages, alignment,
+packing) and which pure loss the step differentiates (`loss`). The trainer (jsdr/train.py) owns
+everything that is the same for all methods: optimizer, accumulation, logging, evaluation schedule,
+checkpoints, signals, export. Methods are registered by name; `--method=NAME` picks one.
+
+Every batch a method returns is stacked for accumulation: each leaf is [grad_accum, micro, ...].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+
+import numpy as np
+
+from jsdr.data.datasets import DataConfig
+from jsdr.data.prompts import PromptTemplates, render_student
+from jsdr.data.rewards import GradeResult, grade
+from jsdr.model.transformer import Model
+from jsdr.sampling import SampleOutput, SamplingConfig
+
+# (lora, prompts, sampling config, rng) -> SampleOutput, with the current base weights and mesh
+SampleFn = Callable[[Any, Sequence[Sequence[int]], SamplingConfig, Any], SampleOutput]
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the trainer hands a method: the run's settings it may read and the tools it may use."""
+
+    model: Model
+    tokenizer: Any
+    data: DataConfig
+    prompts: PromptTemplates
+    rollout: SamplingConfig  # stop_token_ids already include EOS and the chat end markers
+    options: Any  # the method's own config section (SFTConfig, GRPOConfig, OPSDConfig, ...)
+    reward: str  # grader of \boxed{} answers
+    pad_id: int
+    seq_bucket: int  # lengths are padded to a multiple of this
+    grad_accum: int
+    micro_batch: int  # sequences per micro-batch over all data-parallel devices
+    data_parallel: int  # data-parallel devices
+    sample: SampleFn | None = None
+    log: Callable[[str], None] = print
+
+
+class StepBatch(NamedTuple):
+    """A method's batch for one optimizer step and what to log about it."""
+
+    batch: Any  # a NamedTuple of [grad_accum, micro, ...] arrays
+    tokens: int  # real (non-padding) tokens the step trains on, for tokens/s
+    info: dict[str, float]  # logged with the step's metrics
+    rollout_tokens: int = 0  # tokens sampled for this step
+
+
+class Method:
+    """Base class of the training methods. Subclasses set `name`, `config_cls` and `defaults` and
+    implement `prepare`, `make_batch` and `loss`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    # method defaults that differ from the dataclass defaults (the paper's tables); YAML and the command
+    # line override them
+    defaults: ClassVar[dict] = {}
+    # the decay of an EMA teacher tree the train state must carry (None: no EMA tree)
+    ema_decay: float | None = None
+    # settings that can never change when a run of this method is resumed (the checkpoint depends on them)
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
+    # a note on what `prepare` drops, for the log line that counts the drops
+    length_limit: ClassVar[str] = "data.max_prompt_tokens"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.options = setup.options
+
+    def records_per_step(self, sequences: int) -> int:
+        """Records (problems) per optimizer step for `sequences` trained sequences per step."""
+        return sequences
+
+    def prepare(self, record: dict) -> dict | None:
+        """The record with the token ids this method needs added, or None when it is too long."""
+        raise NotImplementedError
+
+    def make_batch(self, records: list[dict], lora, rng) -> StepBatch:
+        """One optimizer step's batch from its records; `lora` is the current adapter (on-policy)."""
+        raise NotImplementedError
+
+    def loss(self, lora, params, batch, rng, teacher_lora=None):
+        """(loss, metrics) of one micro-batch: pure, jit-able, differentiable w.r.t. `lora`."""
+        raise NotImplementedError
+
+    # -- helpers the methods share ---------------------------------------------------------------
+
+    def student_prompt(self, problem: str) -> list[int]:
+        return render_student(self.setup.tokenizer, problem, self.setup.prompts)
+
+    def bucket(self, n: int) -> int:
+        return bucket(n, self.setup.seq_bucket)
+
+    def rollout_config(self, n: int) -> SamplingConfig:
+        return dataclasses.replace(self.setup.rollout, n=n)
+
+    def rollouts(self, lora, prompts: list[list[int]], n: int, rng) -> SampleOutput:
+        if self.setup.sample is None:
+            raise RuntimeError(f"method {self.name} samples rollouts but the setup has no sampler")
+        return self.setup.sample(lora, prompts, self.rollout_config(n), rng)
+
+    def grades(self, out: SampleOutput, records: list[dict], n: int) -> list[GradeResult]:
+        """Grade of every sampled row against the answer of its own record (row i is sample i % n of
+        record i // n)."""
+        lengths = [int(x) for x in out.lengths]
+        if len(lengths) != len(records) * n:
+            raise ValueError(f"{len(lengths)} samples for {len(records)} records x n={n}")
+        texts = [self.setup.tokenizer.decode(list(t[:k]), skip_special_tokens=True)
+                 for t, k in zip(out.tokens, lengths)]
+        return [grade(text, records[i // n]["answer"], method=self.setup.reward) for i, text in enumerate(texts)]
+
+    def stack(self, batch: Any) -> Any:
+        """[grad_accum * micro, ...] rows -> [grad_accum, micro, ...] (None leaves stay None)."""
+        return stack_micro(batch, self.setup.grad_accum)
+
+
+def bucket(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (at least one multiple)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def stack_micro(batch: Any, accum: int) -> Any:
+    """[accum * micro, ...] host arrays -> [accum, micro, ...], for a NamedTuple or dict of arrays."""
+    def split(v):
+        if v is None:
+            return None
+        v = np.asarray(v)
+        return v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+    if isinstance(batch, dict):
+        return {k: split(v) for k, v in batch.items()}
+    return type(batch)(*(split(v) for v in batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method selectable as `--method=<cls.name>`."""
+    if cls.name in METHODS:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
