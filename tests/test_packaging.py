@@ -189,3 +189,26 @@ def test_a_real_kernels_package_is_not_shadowed(tmp_path):
         assert out["origin"] == str(site / "kernels" / "__init__.py"), \
             f"from {where}: find_spec('kernels') -> {out['origin']}, not the installed package"
         assert out["probe"] in (None, [True, "0.0.1"]), f"from {where}: transformers' probe says {out['probe']}"
+
+
+def test_the_wheel_holds_what_an_installed_run_needs(tmp_path):
+    """A non-editable install runs the default command: the wheel carries the toy's configs and warm
+    start, every jsdr package and jsdr_kernels, and nothing named `kernels`. Built from a copy of the
+    sources so the checkout gets no build/ or egg-info."""
+    import shutil
+    import zipfile
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", "runs"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "whl"), str(src)], capture_output=True, text=True)
+    if out.returncode and "No module named setuptools" in out.stderr + out.stdout:
+        pytest.skip("setuptools is not installed in this environment")
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = set(zipfile.ZipFile(next((tmp_path / "whl").glob("*.whl"))).namelist())
+    for method in ("sft", "grpo", "opsd"):
+        assert f"jsdr/toy/configs/{method}.yaml" in names and f"jsdr/methods/{method}.py" in names
+    for f in ("jsdr/toy/toy_model/model.safetensors", "jsdr/toy/toy_model/tokenizer.json", "jsdr/run.py",
+              "jsdr/data/batches.py", "jsdr/model/params.py", "jsdr_kernels/flash_attention.py"):
+        assert f in names, f
+    assert not any(n.startswith("kernels/") or n == "kernels.py" for n in names)
