@@ -35,8 +35,9 @@ class ModelOptions:
                              "embedded toy reasoner, shipped with the package")
     tokenizer: str | None = field(None, "tokenizer hub id or directory (default: the model's)")
     dtype: Literal["bfloat16", "float32"] = field("bfloat16", "compute and base-weight dtype; losses are float32")
-    attn_impl: Literal["xla", "pallas", "cudnn"] = field("xla", "attention implementation for training "
-                                                                "forward/backward")
+    attn_impl: Literal["auto", "xla", "pallas", "cudnn"] = field(
+        "auto", "attention for the training forward/backward: auto = the Pallas flash kernel on GPU (memory "
+                "linear in the length), xla on CPU; xla builds the full score matrix")
     remat: Literal["none", "full", "dots", "dots_no_batch"] = field("full", "per-layer rematerialization policy")
 
 
@@ -102,13 +103,6 @@ def place_batch(batch: Any, mesh: Mesh, leading: int = 0, rules: dict | None = N
     spec = sharding.logical_to_spec(("act_batch",), None, mesh, rules or sharding.DEFAULT_RULES)
     placed = NamedSharding(mesh, PartitionSpec(*((None,) * leading), *spec))
     return jax.tree.map(lambda x: jax.device_put(np.asarray(x), placed), batch)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Leaves not yet laid out on the mesh (step counters, optimizer counts) are replicated on it."""
-    rep = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
-                        else jax.device_put(x, rep), tree)
 
 
 def decode(tokenizer, tokens: np.ndarray, lengths: Sequence[int]) -> list[str]:

@@ -668,9 +668,10 @@ class Sampler:
                           row_ids=np.arange(prompt_rows * sc.n, dtype=np.int32), stop_ids=stop_ids, knobs=knobs,
                           key=jax.random.PRNGKey(sc.seed) if rng is None else rng)
 
-    def _decode_args(self, x: _HostBatch, logits0, prompt_k, prompt_v) -> dict:
-        return dict(logits0=logits0, prompt_k=prompt_k, prompt_v=prompt_v, segment_ids=self._put(x.segment_ids),
-                    prompt_lens=self._put(x.prompt_lens), active=self._put(x.active), row_ids=self._put(x.row_ids),
+    def _decode_args(self, x: _HostBatch, logits0, prompt_k, prompt_v, put=None) -> dict:
+        put = put or self._put
+        return dict(logits0=logits0, prompt_k=prompt_k, prompt_v=prompt_v, segment_ids=put(x.segment_ids),
+                    prompt_lens=put(x.prompt_lens), active=put(x.active), row_ids=put(x.row_ids),
                     key=x.key, knobs=x.knobs, stop_ids=jnp.asarray(x.stop_ids))
 
     @staticmethod
@@ -695,6 +696,31 @@ class Sampler:
                             finish_reason=np.where(out.stopped, 0, 1).astype(np.int8),
                             prompt_index=(np.arange(rows) // sc.n).astype(np.int32))
 
+    def compile_programs(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
+        """The compiled (never run) prefill and decode programs of a `generate` call with `num_prompts`
+        prompts of `prompt_len` tokens: {"prefill": Compiled, "decode": Compiled}. params and lora may
+        be arrays or jax.ShapeDtypeStructs with shardings; every other input is abstract too, so the
+        mesh may hold compile-only devices (jsdr.plan)."""
+        if num_prompts < 1 or prompt_len < 1:
+            raise ValueError(f"num_prompts={num_prompts} and prompt_len={prompt_len} must be >= 1")
+        x = self._host_inputs([[self.pad_id] * prompt_len] * num_prompts, sc, None)
+
+        def spec(a):  # a batch input: abstract, split over the data-parallel axes like _put
+            a = np.asarray(a)
+            where = None if self.mesh is None else sharding.batch_sharding(a.ndim, self.mesh, self.rules, shape=a.shape)
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where)
+        compiles = self.num_compiles
+        with self._ctx():
+            tokens, segment_ids = spec(x.tokens), spec(x.segment_ids)
+            prefill = self._prefill.lower(params, lora, tokens, segment_ids).compile()
+            logits0, prompt_k, prompt_v = jax.eval_shape(self._prefill, params, lora, tokens, segment_ids)
+            args = self._decode_args(x, logits0, prompt_k, prompt_v, put=spec)
+            for k in ("key", "knobs", "stop_ids"):  # small replicated inputs: abstract, unplaced
+                args[k] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args[k])
+            decode = self._decode.lower(params, lora, **args, **self._decode_static(sc)).compile()
+        self.num_compiles = compiles  # analysis compiles are not generate's programs
+        return {"prefill": prefill, "decode": decode}
+
     def memory_analysis(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
         """XLA's memory analysis of the prefill and decode programs of a `generate` call with
         `num_prompts` prompts of `prompt_len` tokens: {"prefill"|"decode": {"argument", "output",
@@ -703,19 +729,8 @@ class Sampler:
         prompt cache, "temp" the widened KV cache (n samples x (prompt bucket + max_new_tokens)) and
         the loop's buffers: what a rollout batch needs on the device beyond the weights.
         """
-        if num_prompts < 1 or prompt_len < 1:
-            raise ValueError(f"num_prompts={num_prompts} and prompt_len={prompt_len} must be >= 1")
-        x = self._host_inputs([[self.pad_id] * prompt_len] * num_prompts, sc, None)
-        compiles = self.num_compiles
-        with self._ctx():
-            tokens, segment_ids = self._put(x.tokens), self._put(x.segment_ids)
-            prefill = self._prefill.lower(params, lora, tokens, segment_ids).compile()
-            logits0, prompt_k, prompt_v = jax.eval_shape(self._prefill, params, lora, tokens, segment_ids)
-            decode = self._decode.lower(params, lora, **self._decode_args(x, logits0, prompt_k, prompt_v),
-                                        **self._decode_static(sc)).compile()
-        self.num_compiles = compiles  # analysis compiles are not generate's programs
         out = {}
-        for name, prog in (("prefill", prefill), ("decode", decode)):
+        for name, prog in self.compile_programs(params, lora, num_prompts, prompt_len, sc).items():
             ma = prog.memory_analysis()
             out[name] = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
                          "temp": int(ma.temp_size_in_bytes)}

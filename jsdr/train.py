@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jsdr import config, methods, run, sharding, toy
@@ -40,6 +41,7 @@ from jsdr.data.prompts import PromptTemplates, render_student, stop_token_ids
 from jsdr.data.rewards import grade
 from jsdr.errors import JsdrError, RunError, error_line
 from jsdr.methods import MethodOptions
+from jsdr.model.attention import resolve_impl
 from jsdr.model.lora import LoraConfig, init_lora, save_peft
 from jsdr.model.transformer import Model
 from jsdr.sampling import Sampler, SamplingConfig
@@ -184,6 +186,23 @@ class TrainState(NamedTuple):
         return cls(**tree)
 
 
+def train_state_shardings(optimizer, lora_shardings, abstract_lora, mesh, ema: bool) -> TrainState:
+    """Where every leaf of the train state lives: the AdamW moments and the EMA tree in the sharding of
+    the LoRA leaf they mirror (never replicated), the counters replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract_lora),
+                                lora_shardings, transform_non_params=lambda _: replicated)
+    return TrainState(replicated, lora_shardings, opt, lora_shardings if ema else None)
+
+
+def init_train_state(optimizer, lora, mesh, ema: bool) -> TrainState:
+    """The step-0 state, each leaf created directly in its sharding (`train_state_shardings`)."""
+    sh = train_state_shardings(optimizer, jax.tree.map(lambda x: x.sharding, lora), lora, mesh, ema)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(lora)
+    ema_tree = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sh.ema)(lora) if ema else None
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), sh.step), lora, opt_state, ema_tree)
+
+
 def ema_update(ema, lora, decay: float):
     """decay * ema + (1 - decay) * lora, leaf by leaf (each result keeps the dtype of `ema`)."""
     return jax.tree.map(lambda e, x: (decay * e.astype(jnp.float32)
@@ -238,6 +257,13 @@ def make_train_step(loss_fn, optimizer, *, ema_decay: float | None = None):
         return new, metrics
 
     return step
+
+
+def jit_train_step(method, optimizer, state_shardings: TrainState):
+    """The jitted step of `method` that jsdr.train runs (and jsdr.plan compiles): the state keeps its
+    shardings and is donated."""
+    step = make_train_step(method.loss, optimizer, ema_decay=method.ema_decay)
+    return jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +379,8 @@ class Trainer:
                                 tokenizer=cfg.model.tokenizer, progress=progress)
         self.params, self.mcfg, self.tokenizer = opened.params, opened.config, opened.tokenizer
         self.model_dir, self.pad_id = opened.directory, opened.pad_id
-        self.model = Model(self.mcfg, lora_scale=cfg.lora.scale, attn_impl=cfg.model.attn_impl, remat=cfg.model.remat,
-                           dtype=cfg.model.dtype, lora_dropout=cfg.lora.dropout)
+        self.model = Model(self.mcfg, lora_scale=cfg.lora.scale, attn_impl=resolve_impl(cfg.model.attn_impl),
+                           remat=cfg.model.remat, dtype=cfg.model.dtype, lora_dropout=cfg.lora.dropout)
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop_token_ids)
         self._sampler = None
         self._sample = sample or self._sample_with_sampler
@@ -368,9 +394,7 @@ class Trainer:
         with sharding.use_mesh(self.mesh, self.rules):
             lora = init_lora(self.mcfg, cfg.lora, jax.random.key(cfg.seed), mesh=self.mesh)
         self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        ema = None if self.method.ema_decay is None else jax.tree.map(jnp.copy, lora)
-        self.state = run.replicate(TrainState(jnp.zeros((), jnp.int32), lora, jax.jit(self.optimizer.init)(lora), ema),
-                                   self.mesh)
+        self.state = init_train_state(self.optimizer, lora, self.mesh, ema=self.method.ema_decay is not None)
         self.records = self._prepare(self._load_records())
         self.eval_records = self._load_eval_records()
         self._step_fn = None
@@ -452,9 +476,7 @@ class Trainer:
 
     def step_fn(self):
         if self._step_fn is None:
-            step = make_train_step(self.method.loss, self.optimizer, ema_decay=self.method.ema_decay)
-            state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-            self._step_fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
+            self._step_fn = jit_train_step(self.method, self.optimizer, jax.tree.map(lambda x: x.sharding, self.state))
         return self._step_fn
 
     # -- the run directory ---------------------------------------------------------------------

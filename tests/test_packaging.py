@@ -26,15 +26,26 @@ def _deps(extra: str | None = None) -> set[str]:
     return {re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
 
 
-def _imports(*folders: str) -> set[str]:
-    mods = set()
+def _imports(*folders: str, optional: bool = False) -> set[str]:
+    """Third-party top-level modules imported by the sources: the required ones, or (optional=True)
+    those imported only inside a `try:` that handles ImportError (an optional feature)."""
+    required, guarded = set(), set()
     for folder in folders:
         for f in (REPO / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(f.read_text())):
+            tree = ast.parse(f.read_text())
+            inside_try = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Try) and any(
+                        h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers):
+                    inside_try |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+            for node in ast.walk(tree):
+                names = set()
                 if isinstance(node, ast.Import):
-                    mods |= {a.name.split(".")[0] for a in node.names}
+                    names = {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    mods.add(node.module.split(".")[0])
+                    names = {node.module.split(".")[0]}
+                (guarded if id(node) in inside_try else required).update(names)
+    mods = guarded - required if optional else required
     return mods - set(sys.stdlib_module_names) - OWN - {"__future__"}
 
 
@@ -47,6 +58,11 @@ def test_every_runtime_import_is_a_declared_dependency():
         if not names & declared:
             missing[mod] = sorted(names)
     assert not missing, f"imported by jsdr but not in [project] dependencies: {missing}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = set().union(*(_deps(e) for e in project["optional-dependencies"]))
+    optional = {m for m in _imports("jsdr", "kernels", optional=True)
+                if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & (declared | extras)}
+    assert not optional, f"optional imports (guarded by ImportError) in no extra: {optional}"
     # needed at run time by what jsdr calls, though jsdr does not import it itself
     assert "jinja2" in declared  # transformers' apply_chat_template; transformers 5 no longer pulls it
     assert "torch" not in declared  # a test-time reference only

@@ -272,3 +272,19 @@ def _yaml(assets, tmp_path, method, **over):
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(C.to_dict(_cfg(assets, method, tmp_path / "run", **over))))
     return path
+
+
+def test_optimizer_state_and_ema_live_in_the_lora_sharding(assets, tmp_path):
+    """AdamW moments and the EMA tree are created in the sharding of the LoRA leaf they mirror (never
+    replicated on every device); the per-device bytes of the moments equal the LoRA's."""
+    over = {"mesh": {"num_devices": None}, "opsd": {"teacher": "ema"}, "lora": {"rank": 8, "alpha": 16}}
+    tr = TR.Trainer(_cfg(assets, "opsd", tmp_path, **over), progress=False, log=lambda *a: None)
+    per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    lora_bytes = per_device(tr.state.lora)
+    total = sum(x.nbytes for x in jax.tree.leaves(tr.state.lora))
+    assert lora_bytes < total  # split over the 8 devices somewhere
+    adam = tr.state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+    for moments in (adam.mu, adam.nu, tr.state.ema):
+        for m, lo in zip(jax.tree.leaves(moments), jax.tree.leaves(tr.state.lora)):
+            assert m.sharding == lo.sharding
+        assert per_device(moments) == lora_bytes

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jsdr.data.datasets import DataConfig
@@ -90,6 +92,21 @@ class Method:
     def loss(self, lora, params, batch, rng, teacher_lora=None):
         """(loss, metrics) of one micro-batch: pure, jit-able, differentiable w.r.t. `lora`."""
         raise NotImplementedError
+
+    def batch_shapes(self) -> Any:
+        """The step batch at the longest lengths the settings allow ([grad_accum, micro, ...]
+        jax.ShapeDtypeStructs, bucketed like make_batch's): what jsdr.plan compiles the step for."""
+        raise NotImplementedError
+
+    def rollout_prompts(self, records_per_step: int) -> int:
+        """Prompts per rollout call of one step (0: the method samples nothing)."""
+        return 0
+
+    def shapes(self, cls, lengths: dict[str, tuple[int, ...]], floats: tuple[str, ...] = ()) -> Any:
+        """A batch NamedTuple of ShapeDtypeStructs [grad_accum, micro, *lengths[field]]."""
+        lead = (self.setup.grad_accum, self.setup.micro_batch)
+        return cls(**{name: jax.ShapeDtypeStruct(lead + dims, jnp.float32 if name in floats else jnp.int32)
+                      for name, dims in lengths.items()})
 
     # -- helpers the methods share ---------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jsdr.config import ConfigError
-from jsdr.data.batches import build_grpo_batch
+from jsdr.data.batches import GRPOBatch, build_grpo_batch
 from jsdr.losses.grpo import GRPOConfig, group_advantages, grpo_loss
 from jsdr.methods.base import Method, Setup, StepBatch, register
 
@@ -52,6 +52,14 @@ class GRPO(Method):
         info = {"reward/mean": float(rewards.mean()), "rollout/length": float(np.mean(lengths)),
                 "reward/grader_errors": float(sum(x.error is not None for x in grades))}
         return StepBatch(self.stack(batch), int(batch.segment_ids.astype(bool).sum()), info, sum(lengths))
+
+    def batch_shapes(self):
+        t = (self.bucket(self.setup.data.max_prompt_tokens) + self.bucket(self.setup.rollout.max_new_tokens),)
+        lengths = {k: t for k in ("tokens", "positions", "segment_ids", "targets", "mask")}
+        return self.shapes(GRPOBatch, dict(lengths, advantages=()), floats=("mask", "advantages"))
+
+    def rollout_prompts(self, records_per_step: int) -> int:
+        return records_per_step
 
     def loss(self, lora, params, batch, rng, teacher_lora=None):
         # one update per rollout batch: old_logprobs stay None and the loss uses the current policy's

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jsdr.data.batches import build_opsd_batch
+from jsdr.data.batches import OPSDBatch, build_opsd_batch
 from jsdr.data.prompts import render_teacher
 from jsdr.losses.opsd import OPSDConfig, opsd_loss
 from jsdr.methods.base import Method, Setup, StepBatch, register
@@ -47,6 +47,16 @@ class OPSD(Method):
         info = {"rollout/length": float(np.mean(lengths)),
                 "rollout/accuracy": float(np.mean([g.correct for g in self.grades(out, records, 1)]))}
         return StepBatch(self.stack(batch), tokens, info, sum(lengths))
+
+    def batch_shapes(self):
+        n = self.bucket(self.setup.rollout.max_new_tokens)
+        t = (self.bucket(self.setup.data.max_prompt_tokens) + n,)
+        lengths = {f"{role}_{k}": t for role in "st" for k in ("tokens", "positions", "segment_ids")}
+        lengths.update({k: (n,) for k in ("s_index", "t_index", "rollout_tokens", "rollout_mask")})
+        return self.shapes(OPSDBatch, lengths, floats=("rollout_mask",))
+
+    def rollout_prompts(self, records_per_step: int) -> int:
+        return records_per_step
 
     def loss(self, lora, params, batch, rng, teacher_lora=None):
         return opsd_loss(lora, params, batch, rng, model=self.setup.model, cfg=self.options,

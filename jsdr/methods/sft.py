@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jsdr.data.batches import pack_sft_examples
+from jsdr.data.batches import SFTBatch, pack_sft_examples
 from jsdr.data.prompts import render_sft_example
 from jsdr.losses.sft import SFTConfig, sft_loss
 from jsdr.methods.base import Method, StepBatch, bucket, register
@@ -40,6 +40,10 @@ class SFT(Method):
         rows = bucket(needed, setup.grad_accum * setup.data_parallel)
         batch = pack_sft_examples(examples, length, num_rows=rows, pad_id=setup.pad_id)
         return StepBatch(self.stack(batch), int(batch.segment_ids.astype(bool).sum()), {"sft/rows": rows})
+
+    def batch_shapes(self):
+        t = (self.bucket(self.setup.data.max_length),)
+        return self.shapes(SFTBatch, {k: t for k in SFTBatch._fields}, floats=("mask",))
 
     def loss(self, lora, params, batch, rng, teacher_lora=None):
         return sft_loss(lora, params, batch, rng, model=self.setup.model, cfg=self.options)

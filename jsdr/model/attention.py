@@ -63,6 +63,21 @@ def available() -> list[str]:
     return sorted(_IMPLS)
 
 
+IMPL_CHOICES = ("auto", "xla", "pallas", "cudnn")
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` names on `platform` (default: JAX's default backend): "auto" is the
+    Pallas flash kernel on GPU (memory linear in the sequence length) and "xla" elsewhere (on CPU the
+    kernel runs only in the slow interpret mode); the others are themselves."""
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"attention impl {impl!r} is not available; choose one of {list(IMPL_CHOICES)}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    return "pallas" if platform in ("gpu", "cuda", "rocm") else "xla"
+
+
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0, causal: bool = True,
               impl: str = "xla", scale: float | None = None, kv_layout: str = "bskd") -> jax.Array:
     if impl not in _IMPLS:

@@ -1,0 +1,556 @@
+"""`python -m jsdr.plan`: does a run fit, and how fast could it be, before a single weight is read.
+
+    python -m jsdr.plan --config configs/paper/grpo-qwen3-8b.yaml --devices 8 --target h100-80gb \\
+        --layouts "fsdp=8" "data=2,fsdp=4" "fsdp=4,tensor=2" --remat full,dots --json plan.json --plot plan.png
+    python -m jsdr.plan --eval --model qwen3-8b --devices 8 --target a100-80gb
+
+For every layout (mesh shape) x remat policy it lowers and compiles the programs jsdr runs, with the
+shardings jsdr gives them, on abstract inputs (no weights are read or allocated): the method's train
+step (`train.jit_train_step`, at the micro-batch and the longest bucketed lengths the config allows)
+and, for methods that sample, the rollout sampler's prefill and decode programs; with `--eval`, the
+evaluation sampler's. Per program it reports the bytes per device (base weights, LoRA, optimizer
+state, batch from the arguments' shardings; temporaries and outputs from XLA's memory analysis), the
+collectives in the compiled HLO (count and bytes, loops counted by their trip count), FLOPs, and a
+roofline step-time estimate against the target's peak FLOP/s, HBM and interconnect bandwidth.
+
+Compilers: for a GPU target with the CUDA plugin installed (`pip install "jsdr[plan]"`, the plugin
+without the NVIDIA libraries) the real GPU compiler compiles for N compile-only devices of the target
+(labelled "gpu"); otherwise the CPU compiler over N virtual devices gives an estimate ("cpu").
+Without --layouts the config's own mesh and remat are planned: the first row answers "does my run fit?".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jsdr import eval as evaluation
+from jsdr import methods, sharding, train
+from jsdr.errors import JsdrError, error_line
+from jsdr.model import hf
+from jsdr.model import lora as lora_lib
+from jsdr.model.attention import resolve_impl
+from jsdr.model.params import ModelConfig
+from jsdr.model.transformer import Model, param_axes, param_shapes
+from jsdr.sampling import Sampler
+
+GIB = 1024 ** 3
+
+
+# ---------------------------------------------------------------------------------------------
+# targets: public spec-sheet facts (dense bf16 tensor-core peak, HBM size and bandwidth, NVLink
+# bandwidth per GPU) and the GPU compiler's device description (XLA's gpu_device_info fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    hbm_bytes: int
+    peak_flops: float  # dense bf16 FLOP/s per device
+    hbm_bw: float  # bytes/s
+    link_bw: float  # bytes/s per device, one direction (NVLink)
+    device: dict | None = None  # XLA GPU device description; None = CPU only
+
+    def gpu_spec(self) -> str:
+        """The target in XLA's GpuTargetConfig text form (for compile-only CUDA devices)."""
+        d = dict(self.device)
+        major, minor = d.pop("compute_capability")
+        name = d.pop("name")
+        fields = "\n".join(f"  {k}: {v}" for k, v in d.items())
+        return (f"gpu_device_info {{\n{fields}\n  device_memory_size: {self.hbm_bytes}\n"
+                f"  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+                f'platform_name: "CUDA"\ndevice_description_str: "{name}"\n')
+
+
+_AMPERE = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+               shared_memory_per_core=167936, threads_per_core_limit=2048, core_count=108, fpus_per_core=64,
+               block_dim_limit_x=2147483647, block_dim_limit_y=65535, block_dim_limit_z=65535,
+               l2_cache_size=41943040, clock_rate_ghz=1.41, shared_memory_per_block_optin=166912,
+               registers_per_core_limit=65536, registers_per_block_limit=65536, compute_capability=(8, 0))
+_HOPPER = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+               shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
+               block_dim_limit_x=2147483647, block_dim_limit_y=65535, block_dim_limit_z=65535,
+               l2_cache_size=52428800, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
+               registers_per_core_limit=65536, registers_per_block_limit=65536, compute_capability=(9, 0))
+
+TARGETS = {
+    "a100-40gb": Target("a100-40gb", 40 * GIB, 312e12, 1.555e12, 300e9,
+                        dict(_AMPERE, memory_bandwidth=1555000000000, name="NVIDIA A100-SXM4-40GB")),
+    "a100-80gb": Target("a100-80gb", 80 * GIB, 312e12, 2.039e12, 300e9,
+                        dict(_AMPERE, memory_bandwidth=2039000000000, name="NVIDIA A100-SXM4-80GB")),
+    "h100-80gb": Target("h100-80gb", 80 * GIB, 989e12, 3.35e12, 450e9,
+                        dict(_HOPPER, memory_bandwidth=3352320000000, name="NVIDIA H100 80GB HBM3")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# model facts: the config.json values that matter, so `--model qwen3-8b` needs no hub
+
+_QWEN3 = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+              max_position_embeddings=40960, model_type="qwen3")
+_LLAMA3_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+_LLAMA31 = dict(vocab_size=128256, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+                max_position_embeddings=131072, model_type="llama")
+MODELS: dict[str, dict] = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
+                       tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
+                     tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_layers=40, num_heads=40, num_kv_heads=8),
+    "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_layers=64, num_heads=64, num_kv_heads=8),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+                       max_position_embeddings=32768, model_type="qwen2"),
+    "llama3.1-8b": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8),
+    "llama3.1-70b": dict(_LLAMA31, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                         num_kv_heads=8),
+}
+_HUB_NAMES = {"qwen/qwen3-0.6b": "qwen3-0.6b", "qwen/qwen3-1.7b": "qwen3-1.7b", "qwen/qwen3-4b": "qwen3-4b",
+              "qwen/qwen3-8b": "qwen3-8b", "qwen/qwen3-14b": "qwen3-14b", "qwen/qwen3-32b": "qwen3-32b",
+              "qwen/qwen2.5-7b": "qwen2.5-7b", "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
+              "meta-llama/llama-3.1-8b": "llama3.1-8b", "meta-llama/llama-3.1-8b-instruct": "llama3.1-8b",
+              "meta-llama/llama-3.1-70b": "llama3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama3.1-70b"}
+
+
+class PlanError(Exception):
+    """A planning request that cannot be answered; the message says why and what is allowed."""
+
+
+def model_config(name: str):
+    """The ModelConfig of a known name (`qwen3-8b`, or its hub id `Qwen/Qwen3-8B`) or a local directory
+    with a config.json."""
+    key = _HUB_NAMES.get(name.lower(), name.lower())
+    if key in MODELS:
+        return ModelConfig(**MODELS[key])
+    if Path(name).is_dir():
+        return hf.load_config(name)[0]
+    raise PlanError(f"unknown model {name!r}: use a local directory with a config.json, or one of "
+                    f"{', '.join(MODELS)} (hub ids of those work too)")
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and layouts
+
+
+def parse_layout(text: str) -> dict[str, int]:
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}; unnamed axes are 1."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise PlanError(f"layout {text!r}: {part!r} is not AXIS=SIZE with AXIS one of data, fsdp, tensor "
+                            f"and SIZE a positive integer")
+        sizes[name] = int(value)
+    return sizes
+
+
+def compile_devices(target: Target | None, n: int, prefer_gpu: bool = True) -> tuple[list, str]:
+    """N devices to compile for and the compiler's name: compile-only CUDA devices of `target` when the
+    CUDA plugin is installed, else the CPU backend's (virtual) devices."""
+    if target is not None and target.device is not None and prefer_gpu:
+        try:
+            topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n}", target_config=target.gpu_spec())
+            return list(topo.devices), "gpu"
+        except Exception:  # noqa: BLE001 - no plugin, or it cannot describe the target: the CPU estimate
+            pass
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+        raise PlanError(f"{n} devices asked for, but the CPU backend has {len(cpus)}: run `python -m jsdr.plan` "
+                        f"itself (it sets XLA_FLAGS=--xla_force_host_platform_device_count) or set that flag "
+                        f"before JAX starts")
+    return cpus[:n], "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the compiled program
+
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
+_COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _shape_bytes(text: str, largest: bool = False) -> int:
+    """Bytes of the array shapes in `text` (their sum, or the largest: an async start's tuple holds the
+    operand and the result)."""
+    sizes = [_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _SHAPE.findall(text)]
+    return (max(sizes) if largest else sum(sizes)) if sizes else 0
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
+    while loop counted once per iteration (XLA's known trip count; 1 when unknown). Bytes are the
+    result sizes per device (an all-gather's gathered output, an all-reduce's buffer)."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        m = _COMP_HEADER.match(line.strip())
+        if m and "=" not in line.split("{")[0]:
+            current = m.group(1)
+            comps[current] = []
+            if line.lstrip().startswith("ENTRY"):
+                entry = current
+            continue
+        if current is not None:
+            comps[current].append(line)
+    weight = {name: 0 for name in comps}
+    if entry is None:
+        return {}
+    weight[entry] = 1
+    order = [entry]
+    for name in order:  # callers before callees (HLO call graphs are acyclic)
+        for line in comps.get(name, ()):
+            trip = _TRIP.search(line)
+            for m in _CALLS.finditer(line):
+                for callee in (c.strip().lstrip("%") for c in (m.group(1) or m.group(2)).split(",")):
+                    if callee in weight:
+                        n = int(trip.group(1)) if trip and " while(" in line else 1
+                        weight[callee] += weight[name] * n
+                        if callee not in order:
+                            order.append(callee)
+    out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
+    for name, lines in comps.items():
+        for line in lines:
+            if "=" not in line:
+                continue
+            rhs = line.split("=", 1)[1]
+            for kind in _COLLECTIVES:
+                m = re.search(rf"\s{kind}(-start)?\(", rhs)
+                if m:  # the result shape(s) precede the op name
+                    out[kind]["count"] += weight[name]
+                    out[kind]["bytes"] += weight[name] * _shape_bytes(rhs.split(f" {kind}", 1)[0],
+                                                                      largest=bool(m.group(1)))
+                    break
+    return {k: v for k, v in out.items() if v["count"]}
+
+
+def abstract_params(mcfg, mesh, rules, dtype):
+    """The base weights as jax.ShapeDtypeStructs with the shardings hf.load_params gives them."""
+
+    shapes = param_shapes(mcfg, dtype)
+    where = sharding.tree_shardings(param_axes(mcfg), shapes, mesh, rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, where)
+
+
+def _per_device_bytes(tree) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# planning one layout
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    method: str
+    program: str
+    mesh: dict
+    remat: str
+    attn_impl: str
+    compiler: str
+    target: str
+    bytes_per_device: dict
+    hbm_bytes: int
+    fits: bool
+    flops: float
+    collectives: dict
+    est_step_s: float
+    est_mfu: float
+    compile_s: float = 0.0
+    flops_source: str = "xla"
+    model_flops: float = 0.0
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float) -> tuple[float, float]:
+    comm_bytes = sum(v["bytes"] for v in comm.values())
+    t = max(flops / target.peak_flops, hbm_bytes / target.hbm_bw, comm_bytes / target.link_bw, 1e-9)
+    return t, (model_flops / (t * target.peak_flops) if model_flops else 0.0)
+
+
+def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: dict, model_flops: float,
+             loops: int = 1) -> Row:
+    ma = compiled.memory_analysis()
+    args = {k: _per_device_bytes(v) for k, v in groups.items()}
+    temp, out, alias = int(ma.temp_size_in_bytes), int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes)
+    args_total = int(ma.argument_size_in_bytes)
+    args["other"] = max(args_total - sum(args.values()), 0)
+    total = args_total + out - alias + temp
+    b = dict(args, temp=temp, output=out - alias, total=total)
+    cost = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    except Exception:  # noqa: BLE001 - some backends have none
+        cost = None
+    if cost and cost.get("flops"):
+        flops, source = float(cost["flops"]), "xla"
+        touched = float(cost.get("bytes accessed", 0.0)) or total
+    else:
+        flops, source = model_flops / max(base["devices"], 1), "model"
+        touched = (args_total + temp) * loops
+    comm = collectives(compiled.as_text())
+    est, mfu = _roofline(target, flops, touched, comm, model_flops / max(base["devices"], 1))
+    return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes,
+               flops=flops, collectives=comm, est_step_s=est, est_mfu=mfu, flops_source=source,
+               model_flops=model_flops, **{k: v for k, v in base.items() if k != "devices"})
+
+
+def _train_flops(mcfg, tokens: int, seq: int, remat: str, forwards: int = 1) -> float:
+    """Useful FLOPs of a LoRA step: forward 2 x params x tokens (+ causal attention), backward 2x the
+    forward for activations (weights frozen: no weight gradient but LoRA's, negligible)."""
+    n = mcfg.num_params() - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
+    attn = 2 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * seq * tokens  # QK^T + PV, causal half x 2
+    fwd = 2 * n * tokens + attn
+    return fwd * (1 + 2) + fwd * (forwards - 1)
+
+
+def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list, compiler: str,
+               model_name: str) -> list[Row]:
+    """Compile and read the train step (and rollout programs) of TrainConfig `cfg` on `devices`."""
+
+
+    mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=None, **mesh_sizes)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    rules = sharding.effective_rules(mesh_cfg)
+    mcfg = model_config(model_name)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.per_device_batch * dp
+    attn = resolve_impl(cfg.model.attn_impl, "gpu" if compiler == "gpu" else "cpu")
+    model = Model(mcfg, lora_scale=cfg.lora.scale, attn_impl=attn, remat=remat, dtype=cfg.model.dtype,
+                  lora_dropout=cfg.lora.dropout)
+    setup = methods.Setup(model=model, tokenizer=None, data=cfg.data, prompts=cfg.prompts, rollout=cfg.rollout,
+                          options=cfg.method_options(), reward=cfg.reward, pad_id=0, seq_bucket=cfg.train.seq_bucket,
+                          grad_accum=cfg.train.grad_accum, micro_batch=micro, data_parallel=dp)
+    method = methods.get(cfg.method)(setup)
+    base = dict(model=model_name, method=cfg.method, mesh=dict(mesh_sizes), remat=remat, attn_impl=attn,
+                compiler=compiler, target=target.name, devices=len(devices))
+    rows = []
+    with sharding.use_mesh(mesh, rules):
+        params = abstract_params(mcfg, mesh, rules, jnp.dtype(cfg.model.dtype))
+        lshapes = lora_lib.lora_shapes(mcfg, cfg.lora)
+        lsh = lora_lib.lora_shardings(mcfg, cfg.lora, mesh, rules)
+        lora = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), lshapes, lsh)
+        optimizer, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
+        state_sh = train.train_state_shardings(optimizer, lsh, lora, mesh, ema=method.ema_decay is not None)
+        abstract_state = jax.eval_shape(lambda lo: _state_like(optimizer, lo, method.ema_decay is not None), lora)
+        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,
+                             state_sh)
+        spec = sharding.logical_to_spec(("act_batch",), None, mesh, rules)
+        placed = NamedSharding(mesh, PartitionSpec(None, *spec))
+        batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), method.batch_shapes())
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
+        t0 = time.time()
+        compiled = train.jit_train_step(method, optimizer, state_sh).trace(state, params, batch, rng).lower().compile()
+        lengths = [leaf.shape for leaf in jax.tree.leaves(batch)]
+        seq = max(s[-1] for s in lengths if len(s) == 3)
+        tokens = cfg.train.grad_accum * micro * seq
+        forwards = 2 if cfg.method == "opsd" else 1
+        row = _analyse("train_step", compiled, {"params": params, "lora": state.lora,
+                                                "opt_state": (state.opt_state, state.ema), "batch": batch},
+                       target, base, _train_flops(mcfg, tokens * (2 if cfg.method == "opsd" else 1), seq, remat,
+                                                  forwards))
+        row.compile_s = time.time() - t0
+        rows.append(row)
+        prompts = method.rollout_prompts(micro * cfg.train.grad_accum // max(cfg.rollout.n, 1))
+        if prompts:
+            sampler = Sampler(Model(mcfg, lora_scale=cfg.lora.scale, dtype=cfg.model.dtype), mesh=mesh, pad_id=0,
+                              rules=rules)
+            t0 = time.time()
+            progs = sampler.compile_programs(params, lora, prompts, cfg.data.max_prompt_tokens, cfg.rollout)
+            dt = (time.time() - t0) / 2
+            new = prompts * cfg.rollout.n * cfg.rollout.max_new_tokens
+            for name, prog in progs.items():
+                flops = 2 * mcfg.num_params() * (new if name == "decode" else prompts * cfg.data.max_prompt_tokens)
+                r = _analyse(f"rollout_{name}", prog, {"params": params, "lora": lora}, target, base, flops,
+                             loops=cfg.rollout.max_new_tokens if name == "decode" else 1)
+                r.compile_s = dt
+                rows.append(r)
+    return rows
+
+
+def _state_like(optimizer, lora, ema: bool):
+
+    return train.TrainState(jnp.zeros((), jnp.int32), lora, optimizer.init(lora), lora if ema else None)
+
+
+def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, compiler: str, *,
+              num_prompts: int = 8, prompt_len: int = 512, dtype: str = "bfloat16", sc=None) -> list[Row]:
+    """The evaluation sampler's prefill and decode programs (table 5 defaults: 16 samples x 38,912
+    new tokens, 8 prompts per call)."""
+
+
+    sc = sc or evaluation.TABLE5
+    mesh_cfg = sharding.MeshConfig(**mesh_sizes)
+    mesh, rules = sharding.make_mesh(mesh_cfg, devices), sharding.effective_rules(mesh_cfg)
+    mcfg = model_config(model_name)
+    base = dict(model=model_name, method="eval", mesh=dict(mesh_sizes), remat="none", attn_impl="xla",
+                compiler=compiler, target=target.name, devices=len(devices))
+    rows = []
+    with sharding.use_mesh(mesh, rules):
+        params = abstract_params(mcfg, mesh, rules, jnp.dtype(dtype))
+        t0 = time.time()
+        progs = Sampler(Model(mcfg), mesh=mesh, pad_id=0, rules=rules).compile_programs(
+            params, None, num_prompts, prompt_len, sc)
+        dt = (time.time() - t0) / 2
+        for name, prog in progs.items():
+            new = num_prompts * sc.n * sc.max_new_tokens if name == "decode" else num_prompts * prompt_len
+            r = _analyse(f"eval_{name}", prog, {"params": params}, target, base, 2 * mcfg.num_params() * new,
+                         loops=sc.max_new_tokens if name == "decode" else 1)
+            r.compile_s = dt
+            rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = (f"{'layout':<22} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} {'batch':>6} "
+            f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':<4} {'coll GiB':>8} {'est s':>8} {'MFU':>5}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        b = r.bytes_per_device
+        layout = ",".join(f"{k}={v}" for k, v in r.mesh.items() if v > 1) or "1 device"
+        coll = sum(v["bytes"] for v in r.collectives.values()) / GIB
+        lines.append(f"{layout:<22} {r.remat:<6} {r.program:<16} {b.get('params', 0) / GIB:7.2f} "
+                     f"{b.get('lora', 0) / GIB:6.2f} {b.get('opt_state', 0) / GIB:6.2f} {b.get('batch', 0) / GIB:6.2f} "
+                     f"{b['temp'] / GIB:7.2f} {b['total'] / GIB:7.2f} {r.hbm_bytes / GIB:5.0f} "
+                     f"{'yes' if r.fits else 'NO':<4} {coll:8.2f} {r.est_step_s:8.3f} {r.est_mfu:5.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlanError("--plot needs matplotlib (pip install matplotlib)") from None
+    parts = ("params", "lora", "opt_state", "batch", "other", "temp", "output")
+    labels = [f"{','.join(f'{k}={v}' for k, v in r.mesh.items() if v > 1)}\n{r.remat} {r.program}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        vals = [r.bytes_per_device.get(part, 0) / GIB for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.axhline(rows[0].hbm_bytes / GIB, color="k", ls="--", lw=1, label=f"HBM ({rows[0].target})")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("GiB per device")
+    ax.set_title(f"{rows[0].model} {rows[0].method}: memory per device ({rows[0].compiler} compiler)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _args(argv: Sequence[str]):
+    ap = argparse.ArgumentParser(prog="python -m jsdr.plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="a jsdr.train YAML config (its method, lengths, batch, mesh and remat)")
+    ap.add_argument("--eval", action="store_true", help="plan table-5 evaluation sampling instead of training")
+    ap.add_argument("--model", help=f"known name ({', '.join(MODELS)}), hub id of one, or a local directory; "
+                                    f"default: the config's model.path")
+    ap.add_argument("--devices", type=int, default=8, help="devices to plan for (default 8)")
+    ap.add_argument("--target", default="h100-80gb", choices=sorted(TARGETS), help="device type (default h100-80gb)")
+    ap.add_argument("--layouts", nargs="*", help='mesh shapes, e.g. "fsdp=8" "data=2,fsdp=4" (default: the config\'s)')
+    ap.add_argument("--remat", help="comma-separated remat policies (default: the config's)")
+    ap.add_argument("--cpu", action="store_true", help="use the CPU compiler even when the GPU one is available")
+    ap.add_argument("--json", help="write one JSON object per layout x program to this file")
+    ap.add_argument("--plot", help="write a PNG of memory per device by layout")
+    ap.add_argument("--prompt-len", type=int, default=512, help="--eval: prompt tokens (default 512)")
+    ap.add_argument("--prompts", type=int, default=8, help="--eval: prompts per sampler call (default 8)")
+    return ap.parse_known_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _args(argv)
+    # the planner never runs a program: JAX must not try to open a GPU (compile-only devices need none)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={max(args.devices, 1)}").strip()
+    try:
+        rows = run_plan(args, rest)
+    except PlanError as e:
+        print(f"jsdr.plan: {e}", file=sys.stderr)
+        return 2
+    except JsdrError as e:
+        line, code = error_line("jsdr.plan", e)
+        print(line, file=sys.stderr)
+        return code
+    print(format_table(rows))
+    compilers = {r.compiler for r in rows}
+    print(f"\nfigures from the {'GPU compiler' if compilers == {'gpu'} else 'CPU compiler (an estimate for the GPU)'}"
+          f" for {args.devices} x {args.target}; est s = roofline step time (max of compute, HBM and "
+          f"interconnect terms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def run_plan(args, rest: Sequence[str]) -> list[Row]:
+    target = TARGETS[args.target]
+    layouts = [parse_layout(x) for x in (args.layouts or [])]
+    for lay in layouts:
+        if math.prod(lay.values()) != args.devices:
+            raise PlanError(f"layout {lay}: data x fsdp x tensor = {math.prod(lay.values())}, but --devices is "
+                            f"{args.devices}")
+    devices, compiler = compile_devices(target, args.devices, prefer_gpu=not args.cpu)
+    if args.eval:
+        name = args.model or "qwen3-8b"
+        return [r for lay in (layouts or [{"data": 1, "fsdp": args.devices, "tensor": 1}])
+                for r in plan_eval(name, lay, target, devices, compiler, num_prompts=args.prompts,
+                                   prompt_len=args.prompt_len)]
+    cfg, _ = train.build_config((["--config", args.config] if args.config else []) + list(rest))
+    name = args.model or cfg.model.path
+    if not layouts:
+        sizes = cfg.mesh.resolve(args.devices)
+        layouts = [dict(zip(("data", "fsdp", "tensor"), sizes))]
+    remats = [r.strip() for r in (args.remat or cfg.model.remat).split(",") if r.strip()]
+    rows = []
+    for lay in layouts:
+        for remat in remats:
+            rows.extend(plan_train(cfg, lay, remat, target, devices, compiler, name))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

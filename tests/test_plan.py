@@ -1,0 +1,129 @@
+"""jsdr.plan: the planner's bytes equal what jsdr.train places, the model facts match the paper's
+sizes, collectives are counted from the compiled HLO (loops by trip count), the GPU compiler path works
+on compile-only devices when the CUDA plugin is installed, and bad requests get clear errors."""
+
+import dataclasses
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jsdr import plan, sharding
+from jsdr import train as TR
+from jsdr.model.params import ModelConfig
+from tests.test_train import _cfg
+
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+def _device_bytes(tree, device) -> int:
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+@pytest.fixture(scope="module")
+def opsd_plan(toy_tiny_assets, tmp_path_factory):
+    """(trainer, planner rows) for the same OPSD config (EMA teacher) on 8 CPU devices, fsdp=8."""
+    cfg = _cfg(toy_tiny_assets, "opsd", tmp_path_factory.mktemp("plan"), mesh={"num_devices": None},
+               opsd={"teacher": "ema"}, lora={"rank": 8, "alpha": 16})
+    tr = TR.Trainer(cfg, progress=False, log=lambda *a: None)
+    devices, compiler = plan.compile_devices(None, 8)
+    rows = plan.plan_train(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, cfg.model.remat, plan.TARGETS["h100-80gb"],
+                           devices, compiler, str(toy_tiny_assets / "model"))
+    return tr, rows
+
+
+def test_planner_bytes_equal_what_the_trainer_places(opsd_plan):
+    tr, rows = opsd_plan
+    step = rows[0]
+    assert step.program == "train_step" and step.compiler == "cpu"
+    d0 = tr.mesh.devices.flat[0]
+    b = step.bytes_per_device
+    assert b["params"] == pytest.approx(_device_bytes(tr.params, d0), rel=0.01)
+    assert b["lora"] == pytest.approx(_device_bytes(tr.state.lora, d0), rel=0.01)
+    assert b["opt_state"] == pytest.approx(_device_bytes((tr.state.opt_state, tr.state.ema), d0), rel=0.01)
+    assert b["total"] >= b["params"] + b["lora"] + b["opt_state"] + b["temp"]
+    # the rollout programs of a sampling method are planned too
+    assert [r.program for r in rows] == ["train_step", "rollout_prefill", "rollout_decode"]
+
+
+def test_planner_and_trainer_build_the_same_state_shardings(opsd_plan, monkeypatch):
+    tr, _ = opsd_plan
+    lsh = jax.tree.map(lambda x: x.sharding, tr.state.lora)
+    planned = TR.train_state_shardings(tr.optimizer, lsh, tr.state.lora, tr.mesh, ema=True)
+    assert jax.tree.map(lambda x: x.sharding, tr.state) == planned
+    built = []
+    monkeypatch.setattr(TR, "jit_train_step", lambda *a: built.append(a) or (lambda *b: None))
+    tr._step_fn = None
+    tr.step_fn()
+    assert built and built[0][0] is tr.method  # the trainer's step is the function the planner compiles
+
+
+def test_qwen3_8b_weights_per_device_under_fsdp8():
+    """Arithmetic check: Qwen3-8B bf16 weights under fsdp=8 are 2 x 8.19e9 / 8 bytes per device (+-3%)."""
+    mcfg = ModelConfig(**plan.MODELS["qwen3-8b"])
+    assert mcfg.num_params() == pytest.approx(8.19e9, rel=0.01)
+    devices, _ = plan.compile_devices(None, 8)
+    mesh_cfg = sharding.MeshConfig(fsdp=8)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    params = plan.abstract_params(mcfg, mesh, sharding.effective_rules(mesh_cfg), jnp.bfloat16)
+    assert plan._per_device_bytes(params) == pytest.approx(2 * 8.19e9 / 8, rel=0.03)
+
+
+@pytest.mark.parametrize("name,size", [("qwen3-0.6b", 0.6e9), ("qwen3-1.7b", 1.7e9), ("qwen3-4b", 4.0e9),
+                                       ("qwen3-14b", 14.8e9), ("qwen3-32b", 32.8e9), ("llama3.1-8b", 8.03e9),
+                                       ("qwen2.5-7b", 7.6e9)])
+def test_model_facts_give_the_published_sizes(name, size):
+    assert ModelConfig(**plan.MODELS[name]).num_params() == pytest.approx(size, rel=0.05)
+    assert plan.model_config(name.upper()) == ModelConfig(**plan.MODELS[name])
+
+
+def _scan_program(devices):
+    mesh = Mesh(np.array(devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    x = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", None)))
+    w = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", None)))
+
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)[0]
+    return jax.jit(f).trace(x, w).lower().compile()
+
+
+def test_collectives_are_read_from_the_compiled_program():
+    devices, _ = plan.compile_devices(None, 8)
+    found = plan.collectives(_scan_program(devices).as_text())
+    assert found["all-gather"]["count"] >= 1
+    assert found["all-gather"]["bytes"] >= 512 * 512 * 4  # the gathered weight
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the CUDA plugin (jsdr[plan]) is not installed")
+def test_gpu_compiler_on_compile_only_devices(toy_tiny_assets, tmp_path):
+    """8 compile-only H100s: the loop's all-gather is counted once per iteration (trip count 5), and the
+    whole train step + rollout programs of a small config compile with the GPU compiler."""
+    devices, compiler = plan.compile_devices(plan.TARGETS["h100-80gb"], 8)
+    assert compiler == "gpu" and "H100" in str(devices[0])
+    found = plan.collectives(_scan_program(devices).as_text())
+    assert found["all-gather"] == {"count": 5, "bytes": 5 * 512 * 512 * 4}
+    cfg = _cfg(toy_tiny_assets, "grpo", tmp_path, mesh={"num_devices": None}, model={"attn_impl": "auto"})
+    rows = plan.plan_train(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, "full", plan.TARGETS["h100-80gb"], devices,
+                           compiler, str(toy_tiny_assets / "model"))
+    assert [r.program for r in rows] == ["train_step", "rollout_prefill", "rollout_decode"]
+    assert rows[0].attn_impl == "pallas" and all(r.compiler == "gpu" and r.fits for r in rows)
+
+
+def test_cli_errors_are_clear(capsys):
+    assert plan.main(["--layouts", "fsdp=4", "--devices", "8", "--model", "qwen3-8b", "--eval"]) == 2
+    assert "data x fsdp x tensor = 4, but --devices is 8" in capsys.readouterr().err
+    assert plan.main(["--layouts", "fsdp=8,pipe=2"]) == 2
+    assert "is not AXIS=SIZE" in capsys.readouterr().err
+    assert plan.main(["--eval", "--model", "gpt-5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt-5'" in err and "qwen3-8b" in err
+
+
+def test_gpu_spec_text_holds_the_target_facts():
+    spec = plan.TARGETS["a100-80gb"].gpu_spec()
+    assert "core_count: 108" in spec and f"device_memory_size: {80 * 1024 ** 3}" in spec
+    assert "major: 8 minor: 0" in spec and 'platform_name: "CUDA"' in spec
+    assert dataclasses.asdict(plan.TARGETS["h100-80gb"])["peak_flops"] == 989e12
