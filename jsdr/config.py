@@ -65,6 +65,13 @@ def _strip_optional(tp):
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+def _yaml_scalar(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: {text!r} is not a YAML value ({' '.join(str(e).split())})") from None
+
+
 def convert(value: Any, tp, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type `tp`, or raise ConfigError naming `key`."""
     inner, optional = _strip_optional(tp)
@@ -106,7 +113,8 @@ def convert(value: Any, tp, key: str) -> Any:
                     raise ConfigError(f"{key}: {value!r} is not a YAML mapping ({e})") from None
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-            return dict(value)
+            # entries given one by one on the command line (--mesh.rules.embed=null) arrive as text
+            return {k: _yaml_scalar(v, f"{key}.{k}") if isinstance(v, str) else v for k, v in value.items()}
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -210,10 +218,15 @@ def leaf_paths(cls, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]
 
 def resolve_key(cls, key: str) -> str:
     """A dotted key as given, or the full path of a unique leaf name."""
-    paths = [p for p, _, _ in leaf_paths(cls)]
+    leaves = leaf_paths(cls)
+    paths = [p for p, _, _ in leaves]
     sections = {p.rsplit(".", 1)[0] for p in paths if "." in p}
     if key in paths or key in sections:
         return key
+    for p, _, tp in leaves:  # an entry of a mapping field: --mesh.rules.act_seq=tensor
+        inner, _ = _strip_optional(tp)
+        if (inner is dict or get_origin(inner) is dict) and key.startswith(p + ".") and len(key) > len(p) + 1:
+            return key
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]

@@ -162,15 +162,21 @@ def parse_layout(text: str) -> dict[str, int]:
     return sizes
 
 
+WHY_CPU: list[str] = []  # why the last compile_devices call fell back to the CPU compiler
+
+
 def compile_devices(target: Target | None, n: int, prefer_gpu: bool = True) -> tuple[list, str]:
     """N devices to compile for and the compiler's name: compile-only CUDA devices of `target` when the
-    CUDA plugin is installed, else the CPU backend's (virtual) devices."""
+    CUDA plugin is installed, else the CPU backend's (virtual) devices (the reason is kept in WHY_CPU)."""
+    WHY_CPU.clear()
     if target is not None and target.device is not None and prefer_gpu:
         try:
             topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{n}", target_config=target.gpu_spec())
             return list(topo.devices), "gpu"
-        except Exception:  # noqa: BLE001 - no plugin, or it cannot describe the target: the CPU estimate
-            pass
+        except Exception as e:  # noqa: BLE001 - no plugin, or it cannot describe the target: the CPU estimate
+            WHY_CPU.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
+    elif not prefer_gpu:
+        WHY_CPU.append("--cpu")
     cpus = jax.devices("cpu")
     if len(cpus) < n:
         raise PlanError(f"{n} devices asked for, but the CPU backend has {len(cpus)}: run `python -m jsdr.plan` "
@@ -186,7 +192,8 @@ _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "col
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
-_COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=")
 _CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
@@ -199,15 +206,16 @@ def _shape_bytes(text: str, largest: bool = False) -> int:
     return (max(sizes) if largest else sum(sizes)) if sizes else 0
 
 
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
+def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
     """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
-    while loop counted once per iteration (XLA's known trip count; 1 when unknown). Bytes are the
-    result sizes per device (an all-gather's gathered output, an all-reduce's buffer)."""
+    while loop counted once per iteration: XLA's known trip count, or `unknown_trip` for a loop whose
+    count is decided at run time (the decode loop: its token budget). Bytes are the result sizes per
+    device (an all-gather's gathered output, an all-reduce's buffer)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
         m = _COMP_HEADER.match(line.strip())
-        if m and "=" not in line.split("{")[0]:
+        if m and not _INSTRUCTION.match(line.strip()):
             current = m.group(1)
             comps[current] = []
             if line.lstrip().startswith("ENTRY"):
@@ -226,7 +234,9 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
             for m in _CALLS.finditer(line):
                 for callee in (c.strip().lstrip("%") for c in (m.group(1) or m.group(2)).split(",")):
                     if callee in weight:
-                        n = int(trip.group(1)) if trip and " while(" in line else 1
+                        n = 1
+                        if " while(" in line and "body=" in m.group(0):
+                            n = int(trip.group(1)) if trip else unknown_trip
                         weight[callee] += weight[name] * n
                         if callee not in order:
                             order.append(callee)
@@ -252,6 +262,27 @@ def abstract_params(mcfg, mesh, rules, dtype):
     shapes = param_shapes(mcfg, dtype)
     where = sharding.tree_shardings(param_axes(mcfg), shapes, mesh, rules)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, where)
+
+
+def layout_notes(mcfg, mesh, rules) -> list[str]:
+    """What the rules cannot do on this mesh: for each parameter dimension whose rule names a mesh axis
+    that does not divide it, which axis is dropped (the dimension is then replicated along it)."""
+    notes = []
+    axes_tree, shapes = param_axes(mcfg), param_shapes(mcfg)
+    flat_axes = jax.tree_util.tree_flatten_with_path(
+        axes_tree, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))[0]
+    for (path, names), shape in zip(flat_axes, jax.tree.leaves(shapes)):
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        spec = sharding.logical_to_spec(names, shape.shape, mesh, rules)
+        for i, name in enumerate(names):
+            wanted = [a for a in (rules.get(name) or ()) if mesh.shape[a] > 1]
+            got = spec[i] if i < len(spec) else None
+            got = set(got if isinstance(got, tuple) else () if got is None else (got,))
+            for a in wanted:
+                if a not in got and shape.shape[i] % mesh.shape[a]:
+                    notes.append(f"{where}: dimension {name}={shape.shape[i]} is not divisible by {a}={mesh.shape[a]}; "
+                                 f"it is replicated along {a}")
+    return notes
 
 
 def _per_device_bytes(tree) -> int:
@@ -284,15 +315,18 @@ class Row:
     est_step_s: float
     est_mfu: float
     compile_s: float = 0.0
-    flops_source: str = "xla"
+    flops_source: str = "model"
     model_flops: float = 0.0
+    terms: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
 
 
-def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float) -> tuple[float, float]:
-    comm_bytes = sum(v["bytes"] for v in comm.values())
-    t = max(flops / target.peak_flops, hbm_bytes / target.hbm_bw, comm_bytes / target.link_bw, 1e-9)
-    return t, (model_flops / (t * target.peak_flops) if model_flops else 0.0)
+def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float):
+    """(step time, MFU, terms): the slowest of compute, HBM and interconnect (assumed overlapped)."""
+    terms = {"compute_s": flops / target.peak_flops, "hbm_s": hbm_bytes / target.hbm_bw,
+             "interconnect_s": sum(v["bytes"] for v in comm.values()) / target.link_bw}
+    t = max(max(terms.values()), 1e-9)
+    return t, (model_flops / (t * target.peak_flops) if model_flops else 0.0), terms
 
 
 def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: dict, model_flops: float,
@@ -308,17 +342,16 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    except Exception:  # noqa: BLE001 - some backends have none
+    except Exception:  # noqa: BLE001 - the GPU compiler has none
         cost = None
-    if cost and cost.get("flops"):
-        flops, source = float(cost["flops"]), "xla"
-        touched = float(cost.get("bytes accessed", 0.0)) or total
-    else:
-        flops, source = model_flops / max(base["devices"], 1), "model"
-        touched = (args_total + temp) * loops
-    comm = collectives(compiled.as_text())
-    est, mfu = _roofline(target, flops, touched, comm, model_flops / max(base["devices"], 1))
-    return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes,
+    # XLA's count sees a scanned layer once (not times the trip count) and the GPU compiler gives none:
+    # the roofline uses the model's useful FLOPs per device; XLA's figure is kept beside it when given
+    flops = model_flops / max(base["devices"], 1)
+    source = f"model (xla: {float(cost['flops']):.3g})" if cost and cost.get("flops") else "model"
+    comm = collectives(compiled.as_text(), unknown_trip=loops)
+    # HBM: every argument, temporary and output touched once per loop iteration (decode: per token)
+    est, mfu, terms = _roofline(target, flops, (args_total + temp + out) * loops, comm, flops)
+    return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes, terms=terms,
                flops=flops, collectives=comm, est_step_s=est, est_mfu=mfu, flops_source=source,
                model_flops=model_flops, **{k: v for k, v in base.items() if k != "devices"})
 
@@ -333,8 +366,9 @@ def _train_flops(mcfg, tokens: int, seq: int, remat: str, forwards: int = 1) -> 
 
 
 def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list, compiler: str,
-               model_name: str) -> list[Row]:
-    """Compile and read the train step (and rollout programs) of TrainConfig `cfg` on `devices`."""
+               model_name: str, rollout: bool = True) -> list[Row]:
+    """Compile and read the train step (and, with `rollout`, the sampler's programs: they do not
+    depend on remat) of TrainConfig `cfg` on `devices`."""
 
 
     mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=None, **mesh_sizes)
@@ -351,7 +385,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
                           grad_accum=cfg.train.grad_accum, micro_batch=micro, data_parallel=dp)
     method = methods.get(cfg.method)(setup)
     base = dict(model=model_name, method=cfg.method, mesh=dict(mesh_sizes), remat=remat, attn_impl=attn,
-                compiler=compiler, target=target.name, devices=len(devices))
+                compiler=compiler, target=target.name, devices=len(devices), notes=layout_notes(mcfg, mesh, rules))
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(cfg.model.dtype))
@@ -379,8 +413,8 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
                                                   forwards))
         row.compile_s = time.time() - t0
         rows.append(row)
-        prompts = method.rollout_prompts(micro * cfg.train.grad_accum // max(cfg.rollout.n, 1))
-        if prompts:
+        prompts = method.rollout_prompts(method.records_per_step(micro * cfg.train.grad_accum))
+        if prompts and rollout:
             sampler = Sampler(Model(mcfg, lora_scale=cfg.lora.scale, dtype=cfg.model.dtype), mesh=mesh, pad_id=0,
                               rules=rules)
             t0 = time.time()
@@ -412,7 +446,7 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
     mesh, rules = sharding.make_mesh(mesh_cfg, devices), sharding.effective_rules(mesh_cfg)
     mcfg = model_config(model_name)
     base = dict(model=model_name, method="eval", mesh=dict(mesh_sizes), remat="none", attn_impl="xla",
-                compiler=compiler, target=target.name, devices=len(devices))
+                compiler=compiler, target=target.name, devices=len(devices), notes=layout_notes(mcfg, mesh, rules))
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(dtype))
@@ -435,7 +469,7 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
 
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'layout':<22} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} {'batch':>6} "
-            f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':<4} {'coll GiB':>8} {'est s':>8} {'MFU':>5}")
+            f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':<4} {'coll GiB':>8} {'est s':>8} {'MFU<=':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r.bytes_per_device
@@ -500,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _args(argv)
     # the planner never runs a program: JAX must not try to open a GPU (compile-only devices need none)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(args.devices, 1)}").strip()
@@ -513,8 +548,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
         return code
     print(format_table(rows))
+    notes = sorted({f"{','.join(f'{k}={v}' for k, v in r.mesh.items())}: {n}" for r in rows for n in r.notes})
+    for n in notes[:20]:
+        print(f"note: {n}")
+    if len(notes) > 20:
+        print(f"note: ... and {len(notes) - 20} more (see --json)")
     compilers = {r.compiler for r in rows}
-    print(f"\nfigures from the {'GPU compiler' if compilers == {'gpu'} else 'CPU compiler (an estimate for the GPU)'}"
+    why = f" (no GPU compiler: {WHY_CPU[0]})" if WHY_CPU else ""
+    print(f"\nfigures from the {'GPU compiler' if compilers == {'gpu'} else 'CPU compiler (an estimate for the GPU)' + why}"
           f" for {args.devices} x {args.target}; est s = roofline step time (max of compute, HBM and "
           f"interconnect terms)")
     if args.json:
@@ -547,8 +588,8 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
     remats = [r.strip() for r in (args.remat or cfg.model.remat).split(",") if r.strip()]
     rows = []
     for lay in layouts:
-        for remat in remats:
-            rows.extend(plan_train(cfg, lay, remat, target, devices, compiler, name))
+        for i, remat in enumerate(remats):
+            rows.extend(plan_train(cfg, lay, remat, target, devices, compiler, name, rollout=i == 0))
     return rows
 
 

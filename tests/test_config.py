@@ -105,3 +105,18 @@ def test_config_file_forms_are_the_same_for_train_and_eval(tmp_path):
             parse(["--config"])
         with pytest.raises(C.ConfigError, match="--config is given twice"):
             parse([f"--config={t}", f"--config={t}"])
+
+
+def test_mapping_entries_one_by_one_on_the_command_line():
+    """A mapping field takes entries as dotted keys (--mesh.rules.act_seq=tensor), with YAML values."""
+    from jsdr import sharding
+    from jsdr.train import TrainConfig
+    cfg = C.load(TrainConfig, None, ["--model.path=x", "--mesh.rules.act_seq=tensor", "--mesh.rules.embed=null",
+                                     "--mesh.rules.mlp=[tensor, fsdp]"])
+    assert cfg.mesh.rules == {"act_seq": ["tensor"], "embed": None, "mlp": ["tensor", "fsdp"]}
+    rules = sharding.effective_rules(cfg.mesh)
+    assert rules["act_seq"] == ("tensor",) and rules["embed"] is None and rules["vocab"] == ("tensor",)
+    with pytest.raises(C.ConfigError, match=r"mesh.rules: .*unknown mesh axis \['pipe'\]"):
+        C.load(TrainConfig, None, ["--model.path=x", "--mesh.rules.mlp=pipe"])
+    with pytest.raises(C.ConfigError, match=r"unknown option --mesh.rule.mlp"):
+        C.load(TrainConfig, None, ["--model.path=x", "--mesh.rule.mlp=tensor"])

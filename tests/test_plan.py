@@ -127,3 +127,15 @@ def test_gpu_spec_text_holds_the_target_facts():
     assert "core_count: 108" in spec and f"device_memory_size: {80 * 1024 ** 3}" in spec
     assert "major: 8 minor: 0" in spec and 'platform_name: "CUDA"' in spec
     assert dataclasses.asdict(plan.TARGETS["h100-80gb"])["peak_flops"] == 989e12
+
+
+def test_layout_notes_say_which_axis_is_dropped():
+    """A rule whose mesh axis does not divide a dimension: the planner says which and what happens."""
+    mcfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=4)
+    devices, _ = plan.compile_devices(None, 8)
+    mesh_cfg = sharding.MeshConfig(data=1, fsdp=1, tensor=8)
+    notes = plan.layout_notes(mcfg, sharding.make_mesh(mesh_cfg, devices), sharding.effective_rules(mesh_cfg))
+    assert any("k_proj" in n and "kv_heads=4 is not divisible by tensor=8" in n and "replicated along tensor" in n
+               for n in notes), notes
+    assert not any("mlp=32" in n for n in notes)  # 32 divides: no note
