@@ -376,6 +376,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
     rules = sharding.effective_rules(mesh_cfg)
     mcfg = model_config(model_name)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    cfg, note = same_global_batch(cfg, dp, len(devices))
     micro = cfg.train.per_device_batch * dp
     attn = resolve_impl(cfg.model.attn_impl, "gpu" if compiler == "gpu" else "cpu")
     model = Model(mcfg, lora_scale=cfg.lora.scale, attn_impl=attn, remat=remat, dtype=cfg.model.dtype,
@@ -385,7 +386,8 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
                           grad_accum=cfg.train.grad_accum, micro_batch=micro, data_parallel=dp)
     method = methods.get(cfg.method)(setup)
     base = dict(model=model_name, method=cfg.method, mesh=dict(mesh_sizes), remat=remat, attn_impl=attn,
-                compiler=compiler, target=target.name, devices=len(devices), notes=layout_notes(mcfg, mesh, rules))
+                compiler=compiler, target=target.name, devices=len(devices),
+                notes=layout_notes(mcfg, mesh, rules) + ([note] if note else []))
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(cfg.model.dtype))
@@ -430,6 +432,27 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
     return rows
 
 
+def same_global_batch(cfg, dp: int, devices: int):
+    """`cfg` with per_device_batch (or else grad_accum) changed so that a layout with `dp` data-parallel
+    devices trains the same sequences per step as the config's own layout (a fair comparison), and a
+    note saying what changed (None when nothing did)."""
+    t = cfg.train
+    own = cfg.mesh.resolve(devices)
+    rows = t.effective_batch or t.per_device_batch * own[0] * own[1] * t.grad_accum
+    if t.per_device_batch * dp * t.grad_accum == rows:
+        return cfg, None
+    if rows % (dp * t.grad_accum) == 0:
+        new = dataclasses.replace(t, per_device_batch=rows // (dp * t.grad_accum), effective_batch=None)
+    elif rows % (dp * t.per_device_batch) == 0:
+        new = dataclasses.replace(t, grad_accum=rows // (dp * t.per_device_batch), effective_batch=None)
+    else:
+        raise PlanError(f"a layout with {dp} data-parallel devices cannot train the config's {rows} sequences per "
+                        f"step (per_device_batch={t.per_device_batch}, grad_accum={t.grad_accum})")
+    note = (f"same {rows} sequences per step: per_device_batch={new.per_device_batch}, grad_accum={new.grad_accum} "
+            f"on {dp} data-parallel devices")
+    return dataclasses.replace(cfg, train=new), note
+
+
 def _state_like(optimizer, lora, ema: bool):
 
     return train.TrainState(jnp.zeros((), jnp.int32), lora, optimizer.init(lora), lora if ema else None)
@@ -467,6 +490,22 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
 # output
 
 
+def sort_rows(rows: Sequence[Row]) -> list[Row]:
+    """Layouts that fit first, then by estimated time of the layout's programs (a remat policy's train step
+    plus the layout's rollout programs); rows of one layout stay together."""
+    layouts: dict[tuple, list[Row]] = {}
+    for r in rows:
+        layouts.setdefault(tuple(r.mesh.items()), []).append(r)
+
+    def key(item):
+        group = item[1]
+        steps = [r for r in group if r.program == "train_step"] or group
+        others = sum(r.est_step_s for r in group if r.program != "train_step")
+        best = min(r.est_step_s for r in steps) + (others if steps is not group else 0)
+        return (not all(r.fits for r in group), best)
+    return [r for _, group in sorted(layouts.items(), key=key) for r in group]
+
+
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'layout':<22} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} {'batch':>6} "
             f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':<4} {'coll GiB':>8} {'est s':>8} {'MFU<=':>5}")
@@ -490,15 +529,15 @@ def plot(rows: Sequence[Row], path: str) -> None:
     except ImportError:
         raise PlanError("--plot needs matplotlib (pip install matplotlib)") from None
     parts = ("params", "lora", "opt_state", "batch", "other", "temp", "output")
-    labels = [f"{','.join(f'{k}={v}' for k, v in r.mesh.items() if v > 1)}\n{r.remat} {r.program}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    labels = [f"{','.join(f'{k}={v}' for k, v in r.mesh.items() if v > 1)} {r.remat} {r.program}" for r in rows]
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.55 * len(rows))), 5.5))
     bottom = [0.0] * len(rows)
     for part in parts:
         vals = [r.bytes_per_device.get(part, 0) / GIB for r in rows]
         ax.bar(range(len(rows)), vals, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.axhline(rows[0].hbm_bytes / GIB, color="k", ls="--", lw=1, label=f"HBM ({rows[0].target})")
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=60, ha="right")
     ax.set_ylabel("GiB per device")
     ax.set_title(f"{rows[0].model} {rows[0].method}: memory per device ({rows[0].compiler} compiler)")
     ax.legend(fontsize=7, ncol=4)
@@ -547,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         line, code = error_line("jsdr.plan", e)
         print(line, file=sys.stderr)
         return code
+    rows = sort_rows(rows)
     print(format_table(rows))
     notes = sorted({f"{','.join(f'{k}={v}' for k, v in r.mesh.items())}: {n}" for r in rows for n in r.notes})
     for n in notes[:20]:

@@ -45,7 +45,7 @@ DEFAULT_RULES: Rules = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,
-    "lora_rank": None,
+    "lora_rank": ("fsdp",),  # LoRA B [L, r, out] shards its rank where its out axis is not fsdp-sharded
     # activations
     "act_batch": ("data", "fsdp"),
     "act_seq": None,

@@ -384,11 +384,13 @@ def test_lora_on_mesh_same_logits(qwen3, tmp_path):
     sparams, _, _ = hf.load_params(str(d), mesh=mesh)
     slora, _ = LR.load_peft(ad, cfg, mesh=mesh)
     P = jax.sharding.PartitionSpec
+    # every leaf is split over fsdp: A on its embed (input) axis, B on its rank where its output is not embed
     assert slora["layers"]["self_attn"]["q_proj"]["lora_a"].sharding.spec == P(None, "fsdp", None)
-    assert slora["layers"]["self_attn"]["q_proj"]["lora_b"].sharding.spec == P(None, None, "tensor")
-    assert slora["layers"]["mlp"]["down_proj"]["lora_a"].sharding.spec == P(None, "tensor", None)
+    assert slora["layers"]["self_attn"]["q_proj"]["lora_b"].sharding.spec == P(None, "fsdp", "tensor")
+    assert slora["layers"]["mlp"]["down_proj"]["lora_a"].sharding.spec == P(None, "tensor", "fsdp")
+    assert slora["layers"]["mlp"]["down_proj"]["lora_b"].sharding.spec == P(None, "fsdp", None)
     init = LR.init_lora(cfg, lc, jax.random.key(0), mesh=mesh)
-    assert init["layers"]["mlp"]["up_proj"]["lora_b"].sharding.spec == P(None, None, "tensor")
+    assert init["layers"]["mlp"]["up_proj"]["lora_b"].sharding.spec == P(None, "fsdp", "tensor")
     with sharding.use_mesh(mesh):
         batch = sharding.shard_batch({"tokens": tokens, "pos": pos, "seg": seg}, mesh)
         fwd = jax.jit(lambda p, lo, b: transformer.forward(p, b["tokens"], b["pos"], b["seg"], cfg, lo, lc.scale))

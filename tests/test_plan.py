@@ -139,3 +139,16 @@ def test_layout_notes_say_which_axis_is_dropped():
     assert any("k_proj" in n and "kv_heads=4 is not divisible by tensor=8" in n and "replicated along tensor" in n
                for n in notes), notes
     assert not any("mlp=32" in n for n in notes)  # 32 divides: no note
+
+
+def test_every_layout_trains_the_configs_global_batch(toy_tiny_assets, tmp_path):
+    """Layouts are compared at the same sequences per step: fewer data-parallel devices get more rows each."""
+    cfg = _cfg(toy_tiny_assets, "opsd", tmp_path, mesh={"num_devices": None},
+               train={"per_device_batch": 1, "grad_accum": 2})  # fsdp=8: 16 sequences per step
+    same, note = plan.same_global_batch(cfg, 8, 8)
+    assert same is cfg and note is None
+    tp, note = plan.same_global_batch(cfg, 2, 8)  # fsdp=2, tensor=4
+    assert (tp.train.per_device_batch, tp.train.grad_accum) == (4, 2) and "same 16 sequences" in note
+    odd = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, per_device_batch=1, grad_accum=3))
+    with pytest.raises(plan.PlanError, match="cannot train the config's 24 sequences"):
+        plan.same_global_batch(odd, 16, 8)

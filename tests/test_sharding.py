@@ -116,8 +116,10 @@ def test_rule_overrides_change_parameter_and_lora_shardings():
     assert at(changed, up) == P(None, None, ("tensor", "fsdp"))
     lc = lora_lib.LoraConfig(rank=4, target_modules=("up_proj",))
     lora_specs = lora_lib.lora_shardings(cfg, lc, mesh, rules)["layers"]["mlp"]["up_proj"]
-    assert lora_specs["lora_a"].spec == P(None, None, None)
-    assert lora_specs["lora_b"].spec == P(None, None, ("tensor", "fsdp"))
+    # embed unsharded: A's rank takes fsdp; B's rank takes fsdp first, and its mlp axis, whose rule
+    # (tensor, fsdp) is then partly taken, gets none
+    assert lora_specs["lora_a"].spec == P(None, None, "fsdp")
+    assert lora_specs["lora_b"].spec == P(None, "fsdp", None)
 
 
 def test_constrain_is_identity_without_mesh_and_shards_under_use_mesh():
