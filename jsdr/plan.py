@@ -551,7 +551,10 @@ def plot(rows: Sequence[Row], path: str) -> None:
 
 def _args(argv: Sequence[str]):
     ap = argparse.ArgumentParser(prog="python -m jsdr.plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Any other --key=value overrides the config as for jsdr.train (e.g. "
+                                        "--train.per_device_batch=2 --mesh.rules.act_seq=tensor). "
+                                        "See docs/sharding.md.")
     ap.add_argument("--config", help="a jsdr.train YAML config (its method, lengths, batch, mesh and remat)")
     ap.add_argument("--eval", action="store_true", help="plan table-5 evaluation sampling instead of training")
     ap.add_argument("--model", help=f"known name ({', '.join(MODELS)}), hub id of one, or a local directory; "
@@ -616,6 +619,8 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
                             f"{args.devices}")
     devices, compiler = compile_devices(target, args.devices, prefer_gpu=not args.cpu)
     if args.eval:
+        if rest:
+            raise PlanError(f"--eval takes no training options: {' '.join(rest)}")
         name = args.model or "qwen3-8b"
         return [r for lay in (layouts or [{"data": 1, "fsdp": args.devices, "tensor": 1}])
                 for r in plan_eval(name, lay, target, devices, compiler, num_prompts=args.prompts,
