@@ -356,9 +356,10 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
                model_flops=model_flops, **{k: v for k, v in base.items() if k != "devices"})
 
 
-def _train_flops(mcfg, tokens: int, seq: int, remat: str, forwards: int = 1) -> float:
-    """Useful FLOPs of a LoRA step: forward 2 x params x tokens (+ causal attention), backward 2x the
-    forward for activations (weights frozen: no weight gradient but LoRA's, negligible)."""
+def _train_flops(mcfg, tokens: int, seq: int, forwards: int = 1) -> float:
+    """Useful FLOPs of a LoRA step over `tokens` trained tokens: forward 2 x params x tokens (+ causal
+    attention), backward 2x the forward for activations (weights frozen: no weight gradient but LoRA's,
+    negligible), plus `forwards - 1` gradient-free forwards of as many tokens (OPSD's teacher)."""
     n = mcfg.num_params() - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
     attn = 2 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * seq * tokens  # QK^T + PV, causal half x 2
     fwd = 2 * n * tokens + attn
@@ -411,8 +412,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
         forwards = 2 if cfg.method == "opsd" else 1
         row = _analyse("train_step", compiled, {"params": params, "lora": state.lora,
                                                 "opt_state": (state.opt_state, state.ema), "batch": batch},
-                       target, base, _train_flops(mcfg, tokens * (2 if cfg.method == "opsd" else 1), seq, remat,
-                                                  forwards))
+                       target, base, _train_flops(mcfg, tokens, seq, forwards))
         row.compile_s = time.time() - t0
         rows.append(row)
         prompts = method.rollout_prompts(method.records_per_step(micro * cfg.train.grad_accum))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdr import run
 from jsdr.data.datasets import DataConfig
 from jsdr.data.prompts import PromptTemplates, render_student
 from jsdr.data.rewards import GradeResult, grade
@@ -130,8 +131,7 @@ class Method:
         lengths = [int(x) for x in out.lengths]
         if len(lengths) != len(records) * n:
             raise ValueError(f"{len(lengths)} samples for {len(records)} records x n={n}")
-        texts = [self.setup.tokenizer.decode(list(t[:k]), skip_special_tokens=True)
-                 for t, k in zip(out.tokens, lengths)]
+        texts = run.decode(self.setup.tokenizer, out.tokens, lengths)
         return [grade(text, records[i // n]["answer"], method=self.setup.reward) for i, text in enumerate(texts)]
 
     def stack(self, batch: Any) -> Any:
