@@ -559,14 +559,15 @@ def llama(tmp_path_factory):
     return params, cfg, model, Sampler(Model(cfg), pad_id=PAD, prompt_buckets=(16,))
 
 
-def _check_greedy_against_hf(params, cfg, model, sampler, n):
-    free = sampler.generate(params, None, PROMPTS, SamplingConfig(temperature=0, n=n, max_new_tokens=MAX_NEW))
+def _check_greedy_against_hf(params, cfg, model, sampler, n, engine="paged"):
+    free = sampler.generate(params, None, PROMPTS, SamplingConfig(temperature=0, n=n, max_new_tokens=MAX_NEW,
+                                                                  engine=engine))
     # pick a stop token that greedy produces mid-way in some row (and not earlier in that row)
     stop_row, stop = next((r, t) for r, row in enumerate(free.tokens.tolist()) for i, t in enumerate(row)
                           if i >= 3 and t not in row[:i])
     hf_out = _hf_greedy(model, PROMPTS, MAX_NEW, stop)
     out = sampler.generate(params, None, PROMPTS, SamplingConfig(temperature=0, n=n, max_new_tokens=MAX_NEW,
-                                                                 stop_token_ids=(stop, 255)))
+                                                                 stop_token_ids=(stop, 255), engine=engine))
     assert out.tokens.shape == (len(PROMPTS) * n, MAX_NEW)
     np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(len(PROMPTS)), n))
     for r in range(len(PROMPTS) * n):
@@ -586,18 +587,22 @@ def _check_greedy_against_hf(params, cfg, model, sampler, n):
     return out
 
 
-def test_greedy_equals_transformers_qwen3_with_n_copies(qwen3):
+@pytest.mark.parametrize("engine", ["paged", "dense"])
+def test_greedy_equals_transformers_qwen3_with_n_copies(qwen3, engine):
     params, cfg, model, sampler = qwen3
-    rows_before = sampler.prefill_rows
-    _check_greedy_against_hf(params, cfg, model, sampler, n=3)
-    # two generate calls, 3 prompts padded to a batch of 4 each: the n=3 copies share one prefill
-    assert sampler.prefill_rows - rows_before == 2 * 4
-    assert sampler.decode_rows >= 2 * 12
+    rows_before = sampler.dense.prefill_rows
+    _check_greedy_against_hf(params, cfg, model, sampler, n=3, engine=engine)
+    if engine == "dense":  # two generate calls, 3 prompts padded to a batch of 4 each: the n=3 copies share one prefill
+        assert sampler.dense.prefill_rows - rows_before == 2 * 4
+        assert sampler.dense.decode_rows >= 2 * 12
+    else:  # one prefill call: each prompt once (not once per sample)
+        assert sampler.last_stats["prefill_calls"] == 1
 
 
-def test_greedy_equals_transformers_llama(llama):
+@pytest.mark.parametrize("engine", ["paged", "dense"])
+def test_greedy_equals_transformers_llama(llama, engine):
     params, cfg, model, sampler = llama
-    _check_greedy_against_hf(params, cfg, model, sampler, n=1)
+    _check_greedy_against_hf(params, cfg, model, sampler, n=1, engine=engine)
 
 
 COMBO = dict(temperature=0.15, top_k=40, top_p=0.8, min_p=0.05, presence_penalty=0.04)
@@ -665,20 +670,21 @@ def test_stop_tokens_end_rows_and_mask_padding(qwen3):
     assert len(set(out.lengths.tolist())) > 1
 
 
-def test_no_recompile_within_bucket(qwen3):
+@pytest.mark.parametrize("engine", ["paged", "dense"])
+def test_no_recompile_within_bucket(qwen3, engine):
     params, cfg, model, sampler = qwen3
-    sc = SamplingConfig(n=2, max_new_tokens=MAX_NEW, seed=1, **COMBO)
+    sc = SamplingConfig(n=2, max_new_tokens=MAX_NEW, seed=1, engine=engine, **COMBO)
     sampler.generate(params, None, PROMPTS, sc)
     before = sampler.num_compiles
     other = [[3, 4, 5], [9] * 15, [7, 8, 9, 10, 11, 12]]  # other lengths, same bucket (16), same batch bucket
     sc2 = SamplingConfig(n=2, max_new_tokens=MAX_NEW, seed=2, temperature=0.9, top_k=5, top_p=0.7, min_p=0.2,
-                         presence_penalty=-0.3, stop_token_ids=(1, 2, 3))
+                         presence_penalty=-0.3, stop_token_ids=(1, 2, 3), engine=engine)
     out = sampler.generate(params, None, other, sc2)
     assert sampler.num_compiles == before
     assert out.tokens.shape == (6, MAX_NEW)
-    # a longer prompt moves to the next bucket: exactly one new prefill and one new decode program
-    sampler.generate(params, None, [[1] * 20, [2], [3, 4]], sc2)
-    assert sampler.num_compiles == before + 2
+    if engine == "dense":  # a longer prompt moves to the next bucket: one new prefill and one new decode program
+        sampler.generate(params, None, [[1] * 20, [2], [3, 4]], sc2)
+        assert sampler.num_compiles == before + 2
 
 
 def test_memory_analysis_counts_the_widened_cache(qwen3):
@@ -693,7 +699,7 @@ def test_memory_analysis_counts_the_widened_cache(qwen3):
     assert set(big) == {"prefill", "decode"} and set(big["decode"]) == {"argument", "output", "temp"}
     param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
     assert big["decode"]["argument"] >= param_bytes
-    rows = sampler.batch_bucket(3) * 4
+    rows = sampler.dense.batch_bucket(3) * 4
     cache = 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * (16 + 40) * 4  # bucket 16, float32
     assert big["decode"]["temp"] + big["decode"]["output"] >= cache
     assert big["decode"]["temp"] > small["decode"]["temp"]
@@ -706,10 +712,11 @@ def test_mesh_sharded_sampler_matches_single_device(qwen3_tiny):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     params, cfg, _ = hf.load_params(str(d), mesh=mesh)
     sampler = Sampler(Model(cfg), pad_id=PAD, mesh=mesh, prompt_buckets=(16,))
-    assert sampler.batch_bucket(3) % 4 == 0
-    out = sampler.generate(params, None, PROMPTS, SamplingConfig(temperature=0, max_new_tokens=8))
+    assert sampler.dense.batch_bucket(3) % 4 == 0
     ref = _hf_greedy(model, PROMPTS, 8, None)
-    np.testing.assert_array_equal(out.tokens, ref)
+    for engine in ("dense", "paged"):
+        out = sampler.generate(params, None, PROMPTS, SamplingConfig(temperature=0, max_new_tokens=8, engine=engine))
+        np.testing.assert_array_equal(out.tokens, ref, err_msg=engine)
 
 
 def _greedy_with_penalty_reference(model, prompt, max_new, penalty, rule):

@@ -24,7 +24,7 @@ registers it and runs it per shard under an active mesh (`pallas_attention`).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +160,117 @@ def pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, s
                             in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec, PartitionSpec()),
                             out_specs=q_spec)
     return sharded(q, k, v, q_segment_ids, kv_segment_ids, jnp.asarray(q_offset, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (the paged sampling engine, jsdr/sampling/paged.py).
+#
+# One pool per key and value holds the pages of every layer: [K, L * P, S, D] (kv heads, layers x
+# pages, tokens per page, head dim); page p of layer l is row l * P + p, so a layer's pages are read
+# straight from the pool (no per-layer slice is ever materialised) by offsetting the page table. Page
+# 0 of every layer is a scratch page: writes of padding tokens land there and nothing reads it
+# unmasked. Under a mesh the pool is split over the data-parallel axes along its page axis (each
+# shard holds whole layers x its own pages; page ids are local to the shard) and over the tensor
+# axis along kv heads, so every read and write stays on its device.
+
+class PagedKV(NamedTuple):
+    """A paged KV cache as the decoder takes it (`Decoder(..., cache=PagedKV(...))`).
+
+    k, v: pools [K, L * P, S, D]. page_table [B, M] int32: page j of row b (its tokens j*S ..
+    j*S+S-1) is pool page page_table[b, j] (local id under a mesh). valid [B, T] bool: which of the
+    new tokens are real; the others write to the scratch page. The new tokens' positions (the
+    decoder's `positions`) say where they are written; a query at position p attends to positions
+    0..p of its row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    page_table: jax.Array
+    valid: jax.Array
+
+
+class PagedIndex(NamedTuple):
+    """The per-call part of PagedKV that every layer reads (the pools travel through the layer scan)."""
+
+    page_table: jax.Array
+    valid: jax.Array
+
+
+def paged_xla(q, k_pool, v_pool, page_table, positions, scale):
+    """Attention of q [B, T, H, D] at `positions` [B, T] over the pages `page_table` [B, M] (already
+    offset to the layer) of pools [K, LP, S, D]: gather M pages per row, mask keys after the query."""
+    B, T, H, D = q.shape
+    K, _, S, _ = k_pool.shape
+    M = page_table.shape[1]
+    kg = k_pool[:, page_table].reshape(K, B, M * S, D).astype(q.dtype)  # batch dims (k, b) lead, as a dot wants
+    vg = v_pool[:, page_table].reshape(K, B, M * S, D).astype(q.dtype)
+    qg = q.reshape(B, T, K, H // K, D).transpose(2, 0, 3, 1, 4)  # [K, B, G, T, D]
+    logits = jnp.einsum("kbgtd,kbsd->kbgts", qg, kg, preferred_element_type=jnp.float32) * scale
+    mask = (jnp.arange(M * S)[None, None, :] <= positions[:, :, None])[None, :, None]  # [1, B, 1, T, M*S]
+    logits = jnp.where(mask, logits, -1e30)
+    probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("kbgts,kbsd->kbgtd", probs.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
+    return out.transpose(1, 3, 0, 2, 4).reshape(B, T, H, D).astype(q.dtype)
+
+
+def _paged_local(q, k_new, v_new, k_pool, v_pool, layer, page_table, positions, valid, *, num_layers, impl, scale):
+    """Per shard: write the new keys/values into this layer's pages, then attend over them."""
+    K, LP, S, _ = k_pool.shape
+    base = layer * (LP // num_layers)
+    M = page_table.shape[1]
+    slot = jnp.take_along_axis(page_table, jnp.clip(positions // S, 0, M - 1), axis=1)
+    pid = jnp.where(valid, slot, 0) + base  # padding tokens -> the scratch page
+    off = positions % S
+    k_pool = k_pool.at[:, pid, off].set(k_new.transpose(2, 0, 1, 3).astype(k_pool.dtype))  # [K, B, T, D]
+    v_pool = v_pool.at[:, pid, off].set(v_new.transpose(2, 0, 1, 3).astype(v_pool.dtype))
+    table = page_table + base
+    if impl == "pallas" and q.shape[1] == 1:  # a decode step: the kernel reads only the pages in use
+        from jsdr_kernels.paged_attention import paged_attention as kernel
+        lengths = jnp.where(valid[:, 0], positions[:, 0] + 1, 0).astype(jnp.int32)
+        o = kernel(q[:, 0], k_pool, v_pool, table, lengths, scale=scale)[:, None]
+    else:
+        o = paged_xla(q, k_pool, v_pool, table, positions, scale)
+    return jnp.where(valid[:, :, None, None], o, 0).astype(q.dtype), k_pool, v_pool
+
+
+def _paged_axes(num_heads: int, num_kv_heads: int, mesh):
+    """Mesh axes of (rows and pool pages, query heads, kv heads) of the paged op: rows over every
+    data-parallel axis, heads over "tensor" only when query and kv heads split the same way."""
+    batch = sharding.logical_to_spec(("act_batch",), None, mesh)[0]
+    heads = sharding.logical_to_spec(("act_heads",), (num_heads,), mesh)[0]
+    kv_heads = sharding.logical_to_spec(("act_kv_heads",), (num_kv_heads,), mesh)[0]
+    if heads != kv_heads:
+        heads = kv_heads = None
+    return batch, heads, kv_heads
+
+
+def pool_spec(num_heads: int, num_kv_heads: int, mesh) -> PartitionSpec:
+    """How a KV pool [K, L * P, S, D] lies on `mesh` (under the active rules): kv heads as the paged
+    op splits them, pages over the data-parallel axes (P per shard)."""
+    batch, _, kv_heads = _paged_axes(num_heads, num_kv_heads, mesh)
+    return PartitionSpec(kv_heads, batch, None, None)
+
+
+def paged_attention(q, k_new, v_new, k_pool, v_pool, layer, index: PagedIndex, positions, *, num_layers: int,
+                    impl: str = "xla", scale: float | None = None):
+    """Write k_new / v_new [B, T, K, D] at `positions` [B, T] into layer `layer`'s pages of the pools
+    and attend with q [B, T, H, D] (causally, over positions 0..p of the row). Returns (out [B, T, H,
+    D], k_pool, v_pool). impl "pallas" runs decode steps (T == 1) through the Pallas paged kernel;
+    everything else gathers the pages in XLA. Under an active mesh the whole op runs per shard in
+    `shard_map` (rows and pages over the data-parallel axes, heads over "tensor" when the kv heads
+    split), so no pool page ever crosses a device."""
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    fn = functools.partial(_paged_local, num_layers=num_layers, impl=impl, scale=scale)
+    args = (q, k_new, v_new, k_pool, v_pool, jnp.asarray(layer, jnp.int32), index.page_table,
+            positions.astype(jnp.int32), index.valid)
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    batch, heads, kv_heads = _paged_axes(H, k_new.shape[2], mesh)
+    q_spec, kv_spec = PartitionSpec(batch, None, heads, None), PartitionSpec(batch, None, kv_heads, None)
+    pages, rows = PartitionSpec(kv_heads, batch, None, None), PartitionSpec(batch, None)
+    sharded = jax.shard_map(fn, mesh=mesh, check_vma=False,
+                            in_specs=(q_spec, kv_spec, kv_spec, pages, pages, PartitionSpec(), rows, rows, rows),
+                            out_specs=(q_spec, pages, pages))
+    return sharded(*args)

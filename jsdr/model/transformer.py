@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsdr.model.attention import attention
+from jsdr.model.attention import PagedIndex, PagedKV, attention, paged_attention
 from jsdr.model.params import ModelConfig, by_path
 from jsdr.sharding import constrain
 
@@ -180,7 +180,8 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, inv_freq, kv_cache, cache_index, drop):
         """kv_cache: None or (k [L,B,K,D,S], v [L,B,K,S,D], layer index, cache segment ids [B,S]):
         the whole stacked cache (see `init_cache`), of which only this layer's new slots are written
-        (in place when the cache is a loop carry), so a decode step never copies the cache."""
+        (in place when the cache is a loop carry), so a decode step never copies the cache; or
+        (k pool, v pool, layer index, PagedIndex): the paged pools (see attention.PagedKV)."""
         cfg = self.cfg
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -196,7 +197,12 @@ class Attention(nn.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
 
-        if kv_cache is None:
+        if kv_cache is not None and isinstance(kv_cache[3], PagedIndex):  # paged pools (the paged engine)
+            k_pool, v_pool, layer, index = kv_cache
+            o, k_pool, v_pool = paged_attention(q, k, v, k_pool, v_pool, layer, index, positions,
+                                                num_layers=cfg.num_layers, impl=self.attn_impl)
+            new_cache = (k_pool, v_pool)
+        elif kv_cache is None:
             o = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_offset=0, causal=True,
                           impl=self.attn_impl)
             new_cache = None
@@ -300,6 +306,11 @@ class Decoder(nn.Module):
         if cache is None:
             h, _ = layers(h, (drop_keys, layer_ids), positions, segment_ids, inv_freq, None, 0)
             new_cache = None
+        elif isinstance(cache, PagedKV):
+            index = PagedIndex(cache.page_table, cache.valid)
+            (h, ks, vs), _ = layers((h, cache.k, cache.v), (drop_keys, layer_ids), positions, segment_ids,
+                                    inv_freq, index, 0)
+            new_cache = cache._replace(k=ks, v=vs)
         else:
             idx = cache["index"]
             cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
@@ -399,7 +410,9 @@ def forward_hidden(params: Params, tokens, positions, segment_ids, cfg: ModelCon
 
     tokens, positions, segment_ids: int32 [B, T]. segment_ids 0 = padding; packed sequences use
     distinct ids with positions restarting at 0. With `cache`, the T new tokens are written at
-    `cache["index"]` and attend to everything written before them. lora_dropout: (rate, PRNG key)
+    `cache["index"]` and attend to everything written before them; a `PagedKV` cache writes them
+    into the pages of their `positions` and each attends to its row's positions up to its own.
+    lora_dropout: (rate, PRNG key)
     drops the input of every LoRA path (training only; the rate is static, the key may be traced).
     """
     _check_remat(remat)

@@ -1,0 +1,193 @@
+"""`Sampler`: the one entry point for sampling (eval, GRPO/OPSD rollouts, the toy), over two engines.
+
+    sampler = Sampler(Model(cfg, lora_scale=lora_cfg.scale), mesh=mesh, pad_id=pad, detokenize=tok.decode)
+    out = sampler.generate(params, lora, prompts, SamplingConfig(temperature=1.0, top_p=0.95, n=16,
+                                                                  max_new_tokens=38912, stop_token_ids=(eos,)))
+
+`sc.engine` picks the engine per call: "paged" (scheduler.py + paged.py: paged KV pool, continuous
+batching, decode layout) or "dense" (dense.py, the reference). Both return the same tokens for the
+same seed; see the package docstring for the sampling semantics.
+
+Decode layout. Under a training mesh whose weights are sharded for training (fsdp), decoding would
+all-gather every layer's weights at every token. The paged engine instead decodes on a mesh of the
+same devices shaped (data = devices / t, fsdp = 1, tensor = t) with the default rules: the base
+weights are resharded to it once per phase (and cached while the same params object is passed:
+base weights do not change during LoRA training), the LoRA tree is replicated per call (it is
+small), and the training arrays are left as they are. `t` is `sc.decode_tensor`, or (0 = auto) the
+smallest power of two dividing the kv heads and the devices with which the weights take at most
+`DECODE_WEIGHT_SHARE` of a device's memory (1 on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jsdr import sharding
+from jsdr.model.transformer import Model, param_axes
+from jsdr.sampling.config import SampleOutput, SamplingConfig, cut_at_stop_strings
+from jsdr.sampling.dense import DEFAULT_PROMPT_BUCKETS, DenseSampler
+from jsdr.sampling.filters import FILTER_BOUND
+from jsdr.sampling.paged import Programs
+from jsdr.sampling.scheduler import PagedEngine, SamplingError
+
+DECODE_WEIGHT_SHARE = 0.25
+
+
+def _device_memory(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without statistics
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def decode_tensor_size(num_devices: int, num_kv_heads: int, weight_bytes: int, device_bytes: int | None,
+                       asked: int = 0) -> int:
+    """The tensor-parallel size of the decode layout (see the module docstring)."""
+    if asked:
+        if num_devices % asked:
+            raise SamplingError(f"decode_tensor={asked} does not divide the {num_devices} devices")
+        return asked
+    sizes = [t for t in (1 << i for i in range(num_devices.bit_length()))
+             if num_devices % t == 0 and num_kv_heads % t == 0]
+    if device_bytes is None:
+        return 1
+    for t in sizes:
+        if weight_bytes / t <= DECODE_WEIGHT_SHARE * device_bytes:
+            return t
+    return sizes[-1]
+
+
+def decode_mesh(mesh, tensor: int):
+    """The decode mesh over `mesh`'s devices: (data = devices / tensor, fsdp = 1, tensor)."""
+    devices = list(np.asarray(mesh.devices).flat)
+    return sharding.make_mesh((len(devices) // tensor, 1, tensor), devices=devices)
+
+
+class Sampler:
+    """Holds both engines' compiled programs for one model; reuse it across calls.
+
+    `model` gives the config, lora_scale, attn_impl and compute dtype of the forward (its remat and
+    lora_dropout are ignored). `mesh`/`rules`: the layout the caller's params live in (the dense
+    engine decodes in it; the paged engine reshards to its decode layout). `detokenize` (token ids
+    -> text) is needed for stop strings.
+    """
+
+    def __init__(self, model: Model, *, mesh=None, pad_id: int = 0, rules: dict | None = None,
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, cache_dtype=None,
+                 filter_bound: int = FILTER_BOUND, detokenize: Callable[[list[int]], str] | None = None):
+        self.dense = DenseSampler(model, mesh=mesh, pad_id=pad_id, prompt_buckets=prompt_buckets,
+                                  cache_dtype=cache_dtype, filter_bound=filter_bound, rules=rules)
+        self.model, self.cfg, self.mesh, self.rules = self.dense.model, self.dense.cfg, mesh, rules
+        self.pad_id, self.filter_bound, self.detokenize = self.dense.pad_id, self.dense.filter_bound, detokenize
+        self._engines: dict[int, PagedEngine] = {}
+        self._placed: tuple | None = None  # (params object, tensor size, params in the decode layout)
+        self.last_stats: dict = {}
+
+    @property
+    def num_compiles(self) -> int:
+        return self.dense.num_compiles + sum(e.programs.num_compiles for e in self._engines.values())
+
+    # ----- the decode layout
+
+    def decode_tensor(self, params, sc: SamplingConfig) -> int:
+        if self.mesh is None or self.mesh.size == 1:
+            return 1
+        weight_bytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+        device = np.asarray(self.mesh.devices).flat[0]
+        return decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, _device_memory(device),
+                                  sc.decode_tensor)
+
+    def engine(self, tensor: int) -> PagedEngine:
+        if tensor not in self._engines:
+            mesh = None if self.mesh is None or self.mesh.size == 1 else decode_mesh(self.mesh, tensor)
+            programs = Programs(self.model, mesh=mesh, rules=None if mesh is None else dict(sharding.DEFAULT_RULES),
+                                pad_id=self.pad_id, filter_bound=self.filter_bound)
+            self._engines[tensor] = PagedEngine(programs, context_len=self.cfg.max_position_embeddings,
+                                                detokenize=self.detokenize)
+        return self._engines[tensor]
+
+    def place(self, params, lora, engine: PagedEngine, tensor: int):
+        """params and lora in the engine's decode layout (params cached by identity)."""
+        mesh = engine.programs.mesh
+        if mesh is None:
+            return params, lora
+        if self._placed is not None and self._placed[0] is params and self._placed[1] == tensor:
+            placed = self._placed[2]
+        else:
+            self._placed = None
+            shardings = sharding.tree_shardings(param_axes(self.cfg), params, mesh, engine.programs.rules)
+            placed = jax.device_put(params, shardings)
+            self._placed = (params, tensor, placed)
+        if lora is not None:
+            lora = jax.device_put(lora, NamedSharding(mesh, PartitionSpec()))
+        return placed, lora
+
+    def release(self) -> None:
+        """Drop the decode-layout copy of the weights and the KV pools (e.g. before a training phase
+        that needs the memory); the next call recreates them."""
+        self._placed = None
+        for e in self._engines.values():
+            e._pools = None
+
+    # ----- calls
+
+    def generate(self, params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
+                 rng: jax.Array | None = None, *, max_new_tokens: Sequence[int] | None = None,
+                 progress: Callable[[dict], None] | None = None) -> SampleOutput:
+        """Sample `sc.n` completions for every prompt. max_new_tokens: per prompt (default
+        sc.max_new_tokens for all). progress: called after every decode segment of the paged engine
+        with {"finished", "total", "running", "waiting", "tokens", "tokens_per_s", "pages_in_use",
+        "pages_total", "seconds"}."""
+        if not isinstance(sc, SamplingConfig):
+            raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
+        rows = self.dense._check_prompts(prompts)
+        limits = self._limits(max_new_tokens, len(rows), sc)
+        if sc.stop_strings and self.detokenize is None:
+            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
+        key = jax.random.PRNGKey(sc.seed) if rng is None else rng
+        if sc.engine == "dense":
+            return self._dense(params, lora, rows, sc, key, limits)
+        tensor = self.decode_tensor(params, sc)
+        engine = self.engine(tensor)
+        placed, lora = self.place(params, lora, engine, tensor)
+        out = engine.generate(placed, lora, rows, sc, key, limits, cache_dtype=self.dense._cache_dtype(params),
+                              progress=progress)
+        self.last_stats = dict(engine.stats, decode_tensor=tensor)
+        return out
+
+    @staticmethod
+    def _limits(max_new_tokens, count: int, sc: SamplingConfig) -> list[int]:
+        if max_new_tokens is None:
+            return [sc.max_new_tokens] * count
+        limits = [int(m) for m in max_new_tokens]
+        if len(limits) != count or any(m < 1 for m in limits):
+            raise SamplingError(f"max_new_tokens must give one integer >= 1 per prompt ({count} prompts), "
+                                f"got {list(max_new_tokens)!r}")
+        return limits
+
+    def _dense(self, params, lora, rows, sc: SamplingConfig, key, limits: list[int]) -> SampleOutput:
+        width = max(limits)
+        if width != sc.max_new_tokens:
+            sc = dataclasses.replace(sc, max_new_tokens=width)
+        out = self.dense.generate(params, lora, rows, sc, rng=key)
+        for r, p in enumerate(out.prompt_index):  # per-prompt limits: cut the longer rows
+            m = limits[int(p)]
+            if out.lengths[r] > m:
+                out.tokens[r, m:], out.logprobs[r, m:], out.logprobs_raw[r, m:] = self.pad_id, 0.0, 0.0
+                out.lengths[r], out.finish_reason[r] = m, 1
+        return cut_at_stop_strings(out, sc.stop_strings, self.detokenize, self.pad_id)
+
+    # ----- compiled programs without running them (jsdr.plan)
+
+    def compile_programs(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
+        """The dense engine's compiled prefill and decode programs (see DenseSampler.compile_programs)."""
+        return self.dense.compile_programs(params, lora, num_prompts, prompt_len, sc)
+
+    def memory_analysis(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
+        return self.dense.memory_analysis(params, lora, num_prompts, prompt_len, sc)
