@@ -24,6 +24,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -32,8 +33,8 @@ from jsdr.model.transformer import Model, param_axes
 from jsdr.sampling.config import SampleOutput, SamplingConfig, cut_at_stop_strings
 from jsdr.sampling.dense import DEFAULT_PROMPT_BUCKETS, DenseSampler
 from jsdr.sampling.filters import FILTER_BOUND
-from jsdr.sampling.paged import Programs
-from jsdr.sampling.scheduler import PagedEngine, SamplingError
+from jsdr.sampling.paged import Knobs, PoolShape, Programs, Slots
+from jsdr.sampling.scheduler import PagedEngine, SamplingError, TableWidths, slot_count
 
 DECODE_WEIGHT_SHARE = 0.25
 
@@ -191,3 +192,65 @@ class Sampler:
 
     def memory_analysis(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig) -> dict:
         return self.dense.memory_analysis(params, lora, num_prompts, prompt_len, sc)
+
+    def compile_paged(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig, *,
+                      device_bytes: int | None = None, pool_pages: int | None = None) -> dict:
+        """The paged engine's compiled (never run) prefill and decode programs for a call of `num_prompts`
+        prompts of `prompt_len` tokens, the decode program at its widest page table (every slot at full
+        length). params / lora may be jax.ShapeDtypeStructs in the training layout (compile-only devices:
+        jsdr.plan); they are given the decode layout here. `device_bytes` (a device's memory) drives the
+        auto decode layout; `pool_pages` (per shard, default 2) sizes the pool. Returns {"prefill",
+        "decode": Compiled, "info": {...}} with the decode mesh, slots, page-table width and pool."""
+        shapes = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+        params, lora = shapes(params), None if lora is None else shapes(lora)
+        if self.mesh is None or self.mesh.size == 1:
+            tensor = 1
+        else:
+            weight_bytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+            tensor = decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, device_bytes,
+                                        sc.decode_tensor)
+        prog = self.engine(tensor).programs
+        ps, shards = sc.page_size, prog.shards
+        dtype = self.dense._cache_dtype(params)
+        shape = PoolShape(shards, int(pool_pages or 2), ps, self.cfg.num_layers, self.cfg.num_kv_heads,
+                          self.cfg.head_dim, jnp.dtype(dtype).name)
+        S = slot_count(num_prompts * sc.n, sc.max_slots, shards)
+        full = -(-(prompt_len + sc.max_new_tokens) // ps)
+        widths = TableWidths(full, ps)
+        rows, C = widths.prefill_rows_and_chunk(prompt_len - 1, num_prompts, sc.prefill_chunk)
+        mesh = prog.mesh
+
+        def spec(shape_, dtype_, where=None):
+            return jax.ShapeDtypeStruct(shape_, dtype_, sharding=where)
+
+        def rowspec(shape_, dtype_):
+            return spec(shape_, dtype_, prog.row_sharding(len(shape_)))
+
+        if mesh is not None:
+            with prog.ctx():
+                where = sharding.tree_shardings(param_axes(self.cfg), params, mesh, prog.rules)
+            params = jax.tree.map(lambda a, w: spec(a.shape, a.dtype, w), params, where)
+            if lora is not None:
+                rep = NamedSharding(mesh, PartitionSpec())
+                lora = jax.tree.map(lambda a: spec(a.shape, a.dtype, rep), lora)
+        pool = spec(shape.shape, shape.dtype, prog.pool_sharding())
+        penalty = sc.presence_penalty != 0
+        slots = Slots(*(rowspec((S,), t) for t in (jnp.int32,) * 5 + (jnp.bool_,) * 2),
+                      seen=rowspec((S, self.cfg.vocab_size), jnp.bool_) if penalty else None)
+        scalar = lambda t: spec((), t)
+        knobs = Knobs(*(scalar(jnp.float32) for _ in range(4)), top_k=scalar(jnp.int32))
+        key = spec((2,), jnp.uint32)
+        compiles = prog.num_compiles
+        with prog.ctx():
+            R = rows * shards
+            prefill = prog._prefill.lower(params, lora, pool, pool, rowspec((R, C), jnp.int32),
+                                          rowspec((R, C), jnp.int32), rowspec((R, C), jnp.bool_),
+                                          rowspec((R, widths(-(-prompt_len // ps))), jnp.int32)).compile()
+            decode = prog._decode.lower(params, lora, pool, pool, slots, rowspec((S, widths(full)), jnp.int32), key,
+                                        knobs, spec((8,), jnp.int32), scalar(jnp.int32), steps=sc.decode_steps,
+                                        greedy=sc.greedy, filtered=sc.filtered, penalty=penalty).compile()
+        prog.num_compiles = compiles
+        info = {"decode_mesh": None if mesh is None else dict(mesh.shape), "decode_tensor": tensor, "slots": S,
+                "table_width": widths(full), "prefill_rows": R, "prefill_chunk": C, "pool_pages": shape.pages,
+                "bytes_per_page": shape.bytes_per_page(prog.tensor_split()), "page_size": ps}
+        return {"prefill": prefill, "decode": decode, "info": info}

@@ -60,6 +60,30 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def slot_count(sequences: int, max_slots: int, shards: int) -> int:
+    """Decode slots of a call: a power of two up to max_slots, a multiple of the data shards."""
+    S = min(_pow2(sequences), _pow2(max_slots))
+    return -(-S // shards) * shards
+
+
+class TableWidths:
+    """Page-table widths (pages read per row) of a call: powers of two, at least MIN_CONTEXT_TOKENS
+    worth of pages and at most the call's longest sequence, so a call compiles a few decode
+    programs (one per width) and reads pages in proportion to its current longest sequence."""
+
+    def __init__(self, full_pages: int, page_size: int):
+        self.full = int(full_pages)
+        self.least = min(_pow2(full_pages), max(1, MIN_CONTEXT_TOKENS // page_size))
+
+    def __call__(self, pages: int) -> int:
+        return min(max(self.least, _pow2(pages)), max(self.full, pages))
+
+    def prefill_rows_and_chunk(self, longest: int, jobs: int, chunk: int) -> tuple[int, int]:
+        """(rows per shard, chunk length) of a prefill call whose longest job has `longest` tokens left."""
+        C = max(MIN_PREFILL_CHUNK, min(_pow2(chunk), _pow2(longest)))
+        return min(_pow2(jobs), max(1, PREFILL_TOKENS // C)), C
+
+
 class _Group:
     """One prompt and its n samples."""
 
@@ -221,11 +245,10 @@ class PagedEngine:
         ps, steps = shape.page_size, sc.decode_steps
         groups = [_Group(i, p, n) for i, p in enumerate(prompts)]
         seqs = [_Seq(g.index * n + j, g, max_new[g.index]) for g in groups for j in range(n)]
-        S = min(_pow2(len(seqs)), _pow2(sc.max_slots))
-        S = -(-S // shards) * shards
+        S = slot_count(len(seqs), sc.max_slots, shards)
         Sl = S // shards
         full_pages = max(math.ceil((len(p) + m) / ps) for p, m in zip(prompts, max_new))
-        min_table = min(_pow2(full_pages), max(1, MIN_CONTEXT_TOKENS // ps))
+        widths = TableWidths(full_pages, ps)
         penalty = sc.presence_penalty != 0
         stops = list(sc.stop_token_ids)
         stop_ids = np.full((max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS),), -1, np.int32)
@@ -312,7 +335,7 @@ class PagedEngine:
                         break
                 # 2. prefill, then the copies of partial prompt pages
                 if jobs:
-                    pools = self._prefill(params, lora, pools, jobs, shards, ps, min_table, sc.prefill_chunk)
+                    pools = self._prefill(params, lora, pools, jobs, shards, ps, widths, sc.prefill_chunk)
                 if copies:
                     pools = self._copy(pools, copies, shards)
                 for g in {s.group for s in admitted}:
@@ -351,7 +374,7 @@ class PagedEngine:
                 if not live:
                     continue
                 # 4. one decode segment
-                width = max(min_table, _pow2(max(len(s.pages) for s in live)))
+                width = widths(max(len(s.pages) for s in live))
                 table = np.zeros((S, width), np.int32)
                 for s in live:
                     table[s.slot, :len(s.pages)] = s.pages
@@ -405,7 +428,7 @@ class PagedEngine:
 
     # ----- pieces of a turn
 
-    def _prefill(self, params, lora, pools, jobs, shards: int, ps: int, min_table: int, chunk: int):
+    def _prefill(self, params, lora, pools, jobs, shards: int, ps: int, widths: TableWidths, chunk: int):
         """Run the prefill jobs (shard, tokens, start, page table) in chunked calls; rows of a call are
         grouped by shard (row r of shard d is row d * rows + r)."""
         todo = [[] for _ in range(shards)]
@@ -413,13 +436,12 @@ class PagedEngine:
             todo[d].append([toks, start, table])
         while any(todo):
             longest = max(len(j[0]) - j[1] for jobs_d in todo for j in jobs_d)
-            C = max(MIN_PREFILL_CHUNK, min(_pow2(chunk), _pow2(longest)))
-            rows = min(_pow2(max(len(t) for t in todo)), max(1, PREFILL_TOKENS // C))
+            rows, C = widths.prefill_rows_and_chunk(longest, max(len(t) for t in todo), chunk)
             width = 1
             for jobs_d in todo:
                 for toks, start, table in jobs_d[:rows]:
                     width = max(width, math.ceil(min(len(toks), start + C) / ps))
-            width = max(min_table, _pow2(width))
+            width = widths(width)
             R = rows * shards
             tokens = np.zeros((R, C), np.int32)
             positions = np.zeros((R, C), np.int32)
