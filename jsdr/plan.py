@@ -198,19 +198,45 @@ _CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations)=(?
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
-def _shape_bytes(text: str, largest: bool = False) -> int:
-    """Bytes of the array shapes in `text` (their sum, or the largest: an async start's tuple holds the
-    operand and the result)."""
-    sizes = [_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in _SHAPE.findall(text)]
-    return (max(sizes) if largest else sum(sizes)) if sizes else 0
+def _tuple_parts(text: str) -> list[str]:
+    """The top-level elements of a tuple shape: "(a, (b, c), d)" -> ["a", "(b, c)", "d"]; a plain
+    shape -> [itself]."""
+    text = text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                parts.append(text[start:i])
+                break
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts if p.strip()]
 
 
-def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
-    while loop counted once per iteration: XLA's known trip count, or `unknown_trip` for a loop whose
-    count is decided at run time (the decode loop: its token budget). Bytes are the result sizes per
-    device (an all-gather's gathered output, an all-reduce's buffer)."""
+def _results(kind: str, start: bool, shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of the arrays a collective produces, from the shape text before its op name. An
+    async start (but all-reduce's, which is its results) is a tuple (operands, results, ...): a
+    combined start (several arrays gathered at once) has tuples there."""
+    parts = _tuple_parts(shape_text)
+    if start and kind != "all-reduce" and len(parts) >= 2:
+        shape_text = parts[1]
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _SHAPE.findall(shape_text)]
+
+
+def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
+    return _DTYPE_BYTES.get(dtype, 4) * math.prod(dims)
+
+
+def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str, dict[str, int]]:
+    """collectives() and, with `weights` (shapes of weight arrays, see weight_shapes), the all-gathers
+    whose result is one of them under "weight_all_gather" (an op gathering several arrays counts once,
+    with the bytes of its weight arrays)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -235,12 +261,12 @@ def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
                 for callee in (c.strip().lstrip("%") for c in (m.group(1) or m.group(2)).split(",")):
                     if callee in weight:
                         n = 1
-                        if " while(" in line and "body=" in m.group(0):
+                        if " while(" in line and m.group(0).startswith(("body=", "condition=")):
                             n = int(trip.group(1)) if trip else unknown_trip
                         weight[callee] += weight[name] * n
                         if callee not in order:
                             order.append(callee)
-    out = {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
+    out = {k: {"count": 0, "bytes": 0} for k in (*_COLLECTIVES, "weight_all_gather")}
     for name, lines in comps.items():
         for line in lines:
             if "=" not in line:
@@ -249,11 +275,52 @@ def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
             for kind in _COLLECTIVES:
                 m = re.search(rf"\s{kind}(-start)?\(", rhs)
                 if m:  # the result shape(s) precede the op name
+                    arrays = _results(kind, bool(m.group(1)), rhs.split(f" {kind}", 1)[0])
                     out[kind]["count"] += weight[name]
-                    out[kind]["bytes"] += weight[name] * _shape_bytes(rhs.split(f" {kind}", 1)[0],
-                                                                      largest=bool(m.group(1)))
+                    out[kind]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in arrays)
+                    hit = [a for a in arrays if weights and a[1] in weights]
+                    if kind == "all-gather" and hit:
+                        out["weight_all_gather"]["count"] += weight[name]
+                        out["weight_all_gather"]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in hit)
                     break
     return {k: v for k, v in out.items() if v["count"]}
+
+
+def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
+    while loop counted once per iteration: XLA's known trip count, or `unknown_trip` for a loop whose
+    count is decided at run time (the decode loop: its token budget). Bytes are the result sizes per
+    device (an all-gather's gathered output, an all-reduce's buffer)."""
+    return {k: v for k, v in _tally(hlo, unknown_trip).items() if k != "weight_all_gather"}
+
+
+def loop_step_collectives(hlo: str, weights: set | None = None) -> dict[str, dict[str, int]]:
+    """The collectives of one iteration of the program's run-time-bounded loops (a decode loop: one
+    decoded token of every row), with "weight_all_gather": those all-gathers whose result is a weight
+    array (`weights`, see weight_shapes). Counted as the difference between one iteration and none, so
+    what runs once per call is left out and nested (layer) loops count by their trip count."""
+    one, none = _tally(hlo, 1, weights), _tally(hlo, 0, weights)
+    step = {k: {f: v[f] - none.get(k, {}).get(f, 0) for f in ("count", "bytes")} for k, v in one.items()}
+    return {k: v for k, v in step.items() if v["count"]}
+
+
+def weight_shapes(trees, devices: int) -> set[tuple[int, ...]]:
+    """The shapes a gathered weight matrix can have: every leaf's shape, a stacked layer's without the
+    layer axis, and those with one dimension still split (divided by a divisor > 1 of `devices`): a
+    gather over one mesh axis of a weight also split over another. Vectors (norm scales, biases) are
+    left out: small, and their shapes are too easily an activation's."""
+    out: set[tuple[int, ...]] = set()
+    divisors = [k for k in range(2, devices + 1) if devices % k == 0]
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            shape = tuple(leaf.shape)
+            if len(shape) < 2 or (len(shape) == 2 and "layers" in {str(getattr(k, "key", k)) for k in path}):
+                continue
+            keys = {str(getattr(k, "key", k)) for k in path}
+            for s in {shape, shape[1:] if "layers" in keys and len(shape) > 1 else shape}:
+                out.add(s)
+                out.update(s[:i] + (d // k,) + s[i + 1:] for i, d in enumerate(s) for k in divisors if d % k == 0)
+    return out
 
 
 def abstract_params(mcfg, mesh, rules, dtype):
@@ -319,6 +386,11 @@ class Row:
     model_flops: float = 0.0
     terms: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    engine: str = ""  # sampler programs: "dense" or "paged" ("" for the train step)
+    layout: str = "train"  # "train": runs on `mesh`; "decode": on the paged engine's decode mesh (run_mesh)
+    run_mesh: dict = dataclasses.field(default_factory=dict)  # the mesh the program runs on
+    step_collectives: dict = dataclasses.field(default_factory=dict)  # decode programs: per decode step
+    paged: dict = dataclasses.field(default_factory=dict)  # paged engine: layout and KV pool facts
 
 
 def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float):
@@ -330,14 +402,19 @@ def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_
 
 
 def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: dict, model_flops: float,
-             loops: int = 1) -> Row:
+             loops: int = 1, weights: set | None = None, resident: int = 0, unread: int = 0) -> Row:
+    """A Row of a compiled program. groups: argument name -> tree of placed ShapeDtypeStructs, or bytes
+    per device; the rest of the arguments is "other". weights (decode programs): the shapes of weight
+    arrays, to read the collectives of one decode step (Row.step_collectives). resident: bytes per
+    device held outside the program while it runs (counted in the total). unread: argument bytes the
+    roofline does not stream per loop iteration (the paged KV pool: a step reads only its pages)."""
     ma = compiled.memory_analysis()
-    args = {k: _per_device_bytes(v) for k, v in groups.items()}
+    args = {k: v if isinstance(v, int) else _per_device_bytes(v) for k, v in groups.items()}
     temp, out, alias = int(ma.temp_size_in_bytes), int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes)
     args_total = int(ma.argument_size_in_bytes)
     args["other"] = max(args_total - sum(args.values()), 0)
-    total = args_total + out - alias + temp
-    b = dict(args, temp=temp, output=out - alias, total=total)
+    total = args_total + out - alias + temp + resident
+    b = dict(args, temp=temp, output=out - alias, **({"resident": resident} if resident else {}), total=total)
     cost = None
     try:
         cost = compiled.cost_analysis()
@@ -348,12 +425,16 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
     # the roofline uses the model's useful FLOPs per device; XLA's figure is kept beside it when given
     flops = model_flops / max(base["devices"], 1)
     source = f"model (xla: {float(cost['flops']):.3g})" if cost and cost.get("flops") else "model"
-    comm = collectives(compiled.as_text(), unknown_trip=loops)
+    hlo = compiled.as_text()
+    comm = collectives(hlo, unknown_trip=loops)
+    step = loop_step_collectives(hlo, weights) if weights is not None else {}
     # HBM: every argument, temporary and output touched once per loop iteration (decode: per token)
-    est, mfu, terms = _roofline(target, flops, (args_total + temp + out) * loops, comm, flops)
+    est, mfu, terms = _roofline(target, flops, (args_total - unread + temp + out) * loops, comm, flops)
+    fields = {k: v for k, v in base.items() if k != "devices"}
+    fields.setdefault("run_mesh", dict(base["mesh"]))
     return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes, terms=terms,
                flops=flops, collectives=comm, est_step_s=est, est_mfu=mfu, flops_source=source,
-               model_flops=model_flops, **{k: v for k, v in base.items() if k != "devices"})
+               model_flops=model_flops, step_collectives=step, **fields)
 
 
 def _train_flops(mcfg, tokens: int, seq: int, forwards: int = 1) -> float:
@@ -367,11 +448,12 @@ def _train_flops(mcfg, tokens: int, seq: int, forwards: int = 1) -> float:
 
 
 def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list, compiler: str,
-               model_name: str, rollout: bool = True) -> list[Row]:
+               model_name: str, rollout: bool = True, engines: Sequence[str] = ("dense", "paged"),
+               decode_tensors: Sequence[int] = ()) -> list[Row]:
     """Compile and read the train step (and, with `rollout`, the sampler's programs: they do not
-    depend on remat) of TrainConfig `cfg` on `devices`."""
-
-
+    depend on remat) of TrainConfig `cfg` on `devices`: the dense engine's in the training layout, the
+    paged engine's in its decode layout (auto, and once per size in `decode_tensors`; see plan_paged)
+    with the training state resident beside them."""
     mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=None, **mesh_sizes)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     rules = sharding.effective_rules(mesh_cfg)
@@ -419,16 +501,35 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
         if prompts and rollout:
             sampler = Sampler(Model(mcfg, lora_scale=cfg.lora.scale, dtype=cfg.model.dtype), mesh=mesh, pad_id=0,
                               rules=rules)
-            t0 = time.time()
-            progs = sampler.compile_programs(params, lora, prompts, cfg.data.max_prompt_tokens, cfg.rollout)
-            dt = (time.time() - t0) / 2
-            new = prompts * cfg.rollout.n * cfg.rollout.max_new_tokens
-            for name, prog in progs.items():
-                flops = 2 * mcfg.num_params() * (new if name == "decode" else prompts * cfg.data.max_prompt_tokens)
-                r = _analyse(f"rollout_{name}", prog, {"params": params, "lora": lora}, target, base, flops,
-                             loops=cfg.rollout.max_new_tokens if name == "decode" else 1)
-                r.compile_s = dt
-                rows.append(r)
+            weights = weight_shapes([param_shapes(mcfg), lshapes], len(devices))
+            plen, sc = cfg.data.max_prompt_tokens, cfg.rollout
+            if "dense" in engines:
+                t0 = time.time()
+                progs = sampler.compile_programs(params, lora, prompts, plen, sc)
+                dt = (time.time() - t0) / 2
+                new = prompts * sc.n * sc.max_new_tokens
+                for name, prog in progs.items():
+                    flops = 2 * mcfg.num_params() * (new if name == "decode" else prompts * plen)
+                    r = _analyse(f"rollout_{name}", prog, {"params": params, "lora": lora}, target,
+                                 dict(base, engine="dense"), flops,
+                                 loops=sc.max_new_tokens if name == "decode" else 1,
+                                 weights=weights if name == "decode" else None)
+                    r.compile_s = dt
+                    rows.append(r)
+            if "paged" in engines:
+                # the training state stays on the devices while the rollouts are sampled
+                held = _per_device_bytes((params, state.lora, state.opt_state, state.ema))
+                for t in (0, *decode_tensors):
+                    paged = plan_paged(sampler, params, lora, prompts, plen,
+                                       dataclasses.replace(sc, decode_tensor=t) if t else sc, target, base,
+                                       "rollout", mcfg, resident=held, weights=weights)
+                    rows.extend(paged)
+                    if not t:  # the sampler keeps its copy of the weights between rollouts
+                        copy = paged[-1].bytes_per_device["params"]
+                        row.notes.append(
+                            f"the paged sampler keeps its decode-layout weights ({copy / GIB:.1f} GiB/device) "
+                            f"across train steps: train_step {(row.bytes_per_device['total'] + copy) / GIB:.1f} "
+                            f"GiB/device with them (Sampler.release() frees them)")
     return rows
 
 
@@ -458,31 +559,143 @@ def _state_like(optimizer, lora, ema: bool):
     return train.TrainState(jnp.zeros((), jnp.int32), lora, optimizer.init(lora), lora if ema else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# the paged engine: its decode layout and the KV pool it would allocate on the target
+
+
+def paged_pool_pages(sc, num_prompts: int, prompt_len: int, shards: int, bytes_per_page: int,
+                     free_bytes: int) -> dict:
+    """The pool the paged engine allocates for a call of `num_prompts` prompts of `prompt_len` tokens
+    (sc.n samples of sc.max_new_tokens each) on a device with `free_bytes` free: the arithmetic of
+    `scheduler.PagedEngine.plan_pool`, with the target's free memory in place of the device's memory
+    statistics. Returns {"pages" (per data shard, scratch page included), "demand" (the call's pages
+    per shard, bucketed: the cap of an automatic budget), "one" (the pages one sequence needs),
+    "budget" (bytes per device)}."""
+    ps = sc.page_size
+    own = -(-(prompt_len + sc.max_new_tokens) // ps)  # a sample at full length
+    shared = -(-max(prompt_len - 1, 0) // ps)  # its prompt group's pages
+    one = own + shared + 1  # + the scratch page
+    demand = 1 << max(0, (-(-num_prompts * (sc.n * own + shared) // shards) + one - 1).bit_length())
+    if sc.kv_cache_gb > 0:
+        budget = int(sc.kv_cache_gb * GIB)
+    else:
+        budget = int(max(free_bytes, 0) * sc.kv_cache_fraction)
+    pages = budget // bytes_per_page
+    if sc.kv_cache_gb <= 0:
+        pages = min(pages, demand)
+    return {"pages": int(pages), "demand": int(demand), "one": int(one), "budget": budget}
+
+
+def _sharded_bytes(shapes, shardings) -> int:
+    """Bytes per device of the arrays `shapes` laid out as `shardings` (a tree of the same structure)."""
+    return sum(math.prod(sh.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int, sc, target: Target, base: dict,
+               prefix: str, mcfg, *, resident: int = 0, weights: set | None = None) -> list[Row]:
+    """The paged engine's prefill and decode programs in its decode layout (Sampler.compile_paged: the
+    same devices as a (data = devices / t, fsdp = 1, tensor = t) mesh, t chosen for the target's
+    memory or sc.decode_tensor), with the KV pool the engine would allocate on the target.
+
+    Compiled twice: with a 2-page pool, to read what the programs need besides the pool (arguments
+    without it, temporaries and outputs, plus `resident`: the arrays the caller holds meanwhile, e.g.
+    the training state); then with the pool sized as the engine sizes it: sc.kv_cache_gb, or
+    sc.kv_cache_fraction of the device memory those leave free, at most the call's demand. The rows
+    report the second compile's memory analysis, and `Row.paged` the pool: pages and GiB per device,
+    the tokens it holds per data shard, and how many sequences at full length (prompt + max_new_tokens,
+    every sequence holding its own pages: prompt sharing ignored) it holds at once over the mesh."""
+    hbm = target.hbm_bytes
+    t0 = time.time()
+    probe = sampler.compile_paged(params, lora, num_prompts, prompt_len, sc, device_bytes=hbm, pool_pages=2)
+    info = probe["info"]
+    bpp, ps = info["bytes_per_page"], info["page_size"]
+    shards = info["decode_mesh"]["data"] if info["decode_mesh"] else 1
+
+    def besides_pool(prog) -> int:
+        ma = prog.memory_analysis()
+        return (int(ma.argument_size_in_bytes) - info["pool_pages"] * bpp + int(ma.temp_size_in_bytes)
+                + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes))
+
+    rest = resident + max(besides_pool(probe["prefill"]), besides_pool(probe["decode"]))
+    pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - rest)
+    pages = max(pool["pages"], 2)
+    progs = sampler.compile_paged(params, lora, num_prompts, prompt_len, sc, device_bytes=hbm, pool_pages=pages)
+    info = progs["info"]
+    dt = (time.time() - t0) / 4
+    own = -(-(prompt_len + sc.max_new_tokens) // ps)
+    sequences = num_prompts * sc.n
+    at_once = shards * ((pages - 1) // own)
+    concurrent = min(at_once, info["slots"])
+    waves = -(-sequences // max(concurrent, 1))
+    facts = dict(decode_mesh=info["decode_mesh"], decode_tensor=info["decode_tensor"], slots=info["slots"],
+                 table_width=info["table_width"], page_size=ps, shards=shards, pool_pages=pages,
+                 bytes_per_page=bpp, pool_bytes=pages * bpp, tokens_per_shard=(pages - 1) * ps,
+                 full_length=prompt_len + sc.max_new_tokens, pages_per_sequence=own,
+                 sequences_at_full_length=at_once, sequences=sequences, waves=waves, besides_pool=rest,
+                 budget=pool["budget"], demand_pages=pool["demand"], kv_cache_fraction=sc.kv_cache_fraction,
+                 kv_cache_gb=sc.kv_cache_gb)
+    notes = []
+    if pool["pages"] < pool["one"]:
+        notes.append(f"paged: the KV budget ({pool['budget'] / GIB:.2f} GiB/device) holds {pool['pages']} pages, "
+                     f"one sequence needs {pool['one']}: the engine refuses this call")
+    mesh_text = ",".join(f"{k}={v}" for k, v in (info["decode_mesh"] or {}).items() if v > 1) or "1 device"
+    fields = dict(base, engine="paged", layout="decode", run_mesh=dict(info["decode_mesh"] or {}),
+                  paged=facts, notes=list(base.get("notes", ())) + notes)
+    rows = []
+    for name in ("prefill", "decode"):
+        prog = progs[name]
+        sh = prog.input_shardings[0]
+        groups = {"params": _sharded_bytes(params, sh[0]), "kv_pool": pages * bpp}
+        if lora is not None:
+            groups["lora"] = _sharded_bytes(lora, sh[1])
+        if name == "decode":
+            new = sequences * sc.max_new_tokens
+            r = _analyse(f"{prefix}_decode", prog, groups, target, fields, 2 * mcfg.num_params() * new,
+                         loops=sc.max_new_tokens * waves, weights=weights, resident=resident, unread=pages * bpp)
+        else:
+            r = _analyse(f"{prefix}_prefill", prog, groups, target, fields,
+                         2 * mcfg.num_params() * num_prompts * prompt_len, resident=resident)
+        r.compile_s = dt
+        r.paged = dict(facts, pct_hbm=r.bytes_per_device["total"] / hbm, decode_mesh_text=mesh_text)
+        rows.append(r)
+    return rows
+
+
 def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, compiler: str, *,
-              num_prompts: int = 8, prompt_len: int = 512, dtype: str = "bfloat16", sc=None) -> list[Row]:
+              num_prompts: int = 8, prompt_len: int = 512, dtype: str = "bfloat16", sc=None,
+              engines: Sequence[str] = ("dense", "paged"), decode_tensors: Sequence[int] = ()) -> list[Row]:
     """The evaluation sampler's prefill and decode programs (table 5 defaults: 16 samples x 38,912
-    new tokens, 8 prompts per call)."""
-
-
+    new tokens, 8 prompts per call), the weights loaded in `mesh_sizes` (jsdr.eval's mesh): the dense
+    engine's in that layout, the paged engine's in its decode layout (auto, and once per size in
+    `decode_tensors`), the loaded weights staying resident beside its copy of them."""
     sc = sc or evaluation.TABLE5
     mesh_cfg = sharding.MeshConfig(**mesh_sizes)
     mesh, rules = sharding.make_mesh(mesh_cfg, devices), sharding.effective_rules(mesh_cfg)
     mcfg = model_config(model_name)
     base = dict(model=model_name, method="eval", mesh=dict(mesh_sizes), remat="none", attn_impl="xla",
                 compiler=compiler, target=target.name, devices=len(devices), notes=layout_notes(mcfg, mesh, rules))
+    weights = weight_shapes([param_shapes(mcfg)], len(devices))
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(dtype))
-        t0 = time.time()
-        progs = Sampler(Model(mcfg), mesh=mesh, pad_id=0, rules=rules).compile_programs(
-            params, None, num_prompts, prompt_len, sc)
-        dt = (time.time() - t0) / 2
-        for name, prog in progs.items():
-            new = num_prompts * sc.n * sc.max_new_tokens if name == "decode" else num_prompts * prompt_len
-            r = _analyse(f"eval_{name}", prog, {"params": params}, target, base, 2 * mcfg.num_params() * new,
-                         loops=sc.max_new_tokens if name == "decode" else 1)
-            r.compile_s = dt
-            rows.append(r)
+        sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=0, rules=rules)
+        if "dense" in engines:
+            t0 = time.time()
+            progs = sampler.compile_programs(params, None, num_prompts, prompt_len, sc)
+            dt = (time.time() - t0) / 2
+            for name, prog in progs.items():
+                new = num_prompts * sc.n * sc.max_new_tokens if name == "decode" else num_prompts * prompt_len
+                r = _analyse(f"eval_{name}", prog, {"params": params}, target, dict(base, engine="dense"),
+                             2 * mcfg.num_params() * new, loops=sc.max_new_tokens if name == "decode" else 1,
+                             weights=weights if name == "decode" else None)
+                r.compile_s = dt
+                rows.append(r)
+        if "paged" in engines:
+            for t in (0, *decode_tensors):
+                rows.extend(plan_paged(sampler, params, None, num_prompts, prompt_len,
+                                       dataclasses.replace(sc, decode_tensor=t) if t else sc, target, base, "eval",
+                                       mcfg, resident=_per_device_bytes(params), weights=weights))
     return rows
 
 
@@ -506,18 +719,54 @@ def sort_rows(rows: Sequence[Row]) -> list[Row]:
     return [r for _, group in sorted(layouts.items(), key=key) for r in group]
 
 
+def _layout_text(mesh: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    head = (f"{'layout':<22} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} {'batch':>6} "
-            f"{'temp':>7} {'total':>7} {'HBM':>5} {'fits':<4} {'coll GiB':>8} {'est s':>8} {'MFU<=':>5}")
+    head = (f"{'layout':<22} {'engine':<6} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} "
+            f"{'batch':>6} {'held':>6} {'kvpool':>7} {'temp':>7} {'total':>7} {'HBM':>5} {'%HBM':>5} {'fits':<4} {'coll GiB':>8} "
+            f"{'est s':>8} {'MFU<=':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r.bytes_per_device
-        layout = ",".join(f"{k}={v}" for k, v in r.mesh.items() if v > 1) or "1 device"
+        layout = _layout_text(r.run_mesh or r.mesh)
+        if r.layout == "decode":
+            layout = f"{_layout_text(r.mesh)}>{layout}"
         coll = sum(v["bytes"] for v in r.collectives.values()) / GIB
-        lines.append(f"{layout:<22} {r.remat:<6} {r.program:<16} {b.get('params', 0) / GIB:7.2f} "
+        lines.append(f"{layout:<22} {r.engine or '-':<6} {r.remat:<6} {r.program:<16} {b.get('params', 0) / GIB:7.2f} "
                      f"{b.get('lora', 0) / GIB:6.2f} {b.get('opt_state', 0) / GIB:6.2f} {b.get('batch', 0) / GIB:6.2f} "
-                     f"{b['temp'] / GIB:7.2f} {b['total'] / GIB:7.2f} {r.hbm_bytes / GIB:5.0f} "
-                     f"{'yes' if r.fits else 'NO':<4} {coll:8.2f} {r.est_step_s:8.3f} {r.est_mfu:5.2f}")
+                     f"{b.get('resident', 0) / GIB:6.2f} "
+                     f"{b.get('kv_pool', 0) / GIB:7.2f} {b['temp'] / GIB:7.2f} {b['total'] / GIB:7.2f} "
+                     f"{r.hbm_bytes / GIB:5.0f} {b['total'] / r.hbm_bytes:5.0%} {'yes' if r.fits else 'NO':<4} "
+                     f"{coll:8.2f} {r.est_step_s:8.3f} {r.est_mfu:5.2f}")
+    return "\n".join(lines)
+
+
+def format_decode(rows: Sequence[Row]) -> str:
+    """The decode programs side by side: the layout they run in, the collectives of one decode step
+    (every row one token) and, for the paged engine, its KV pool."""
+    rows = [r for r in rows if r.program.endswith("_decode")]
+    if not rows:
+        return ""
+    head = (f"{'layout':<22} {'engine':<6} {'program':<16} {'total':>7} {'%HBM':>5} {'AG/step':>7} {'AG GiB':>7} "
+            f"{'wAG/step':>8} {'wAG GiB':>7} {'coll/step':>9} {'slots':>5} {'t':>2} {'pool GiB':>8} {'pages':>7} "
+            f"{'tok/shard':>10} {'full-length seqs':>16}")
+    lines = ["per decode step (one token of every row), per device; AG = all-gathers, wAG = those of weights", head,
+             "-" * len(head)]
+    for r in rows:
+        s, p, b = r.step_collectives, r.paged, r.bytes_per_device
+        ag, wag = s.get("all-gather", {}), s.get("weight_all_gather", {})
+        other = sum(v["count"] for k, v in s.items() if k != "weight_all_gather")
+        layout = _layout_text(r.run_mesh or r.mesh)
+        if r.layout == "decode":
+            layout = f"{_layout_text(r.mesh)}>{layout}"
+        pool = (f"{p['slots']:5d} {p['decode_tensor']:2d} {p['pool_bytes'] / GIB:8.2f} {p['pool_pages']:7d} "
+                f"{p['tokens_per_shard']:10,d} {p['sequences_at_full_length']:>7,d} of {p['sequences']:<5,d}"
+                if p else f"{'':5} {'':2} {'':8} {'':7} {'':10} {'':16}")
+        lines.append(f"{layout:<22} {r.engine or '-':<6} {r.program:<16} {b['total'] / GIB:7.2f} "
+                     f"{b['total'] / r.hbm_bytes:5.0%} {ag.get('count', 0):7d} {ag.get('bytes', 0) / GIB:7.3f} "
+                     f"{wag.get('count', 0):8d} {wag.get('bytes', 0) / GIB:7.3f} {other:9d} {pool}")
     return "\n".join(lines)
 
 
@@ -568,6 +817,11 @@ def _args(argv: Sequence[str]):
     ap.add_argument("--plot", help="write a PNG of memory per device by layout")
     ap.add_argument("--prompt-len", type=int, default=512, help="--eval: prompt tokens (default 512)")
     ap.add_argument("--prompts", type=int, default=8, help="--eval: prompts per sampler call (default 8)")
+    ap.add_argument("--engines", default="dense,paged",
+                    help="sampler engines to plan: dense (in the training layout), paged (in its decode layout); "
+                         "default both")
+    ap.add_argument("--decode-tensor", type=int, nargs="*", default=[],
+                    help="paged engine: also plan these decode-layout tensor sizes (default: only the automatic one)")
     return ap.parse_known_args(list(argv))
 
 
@@ -591,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     rows = sort_rows(rows)
     print(format_table(rows))
+    decode = format_decode(rows)
+    if decode:
+        print("\n" + decode)
     notes = sorted({f"{','.join(f'{k}={v}' for k, v in r.mesh.items())}: {n}" for r in rows for n in r.notes})
     for n in notes[:20]:
         print(f"note: {n}")
@@ -617,6 +874,12 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
         if math.prod(lay.values()) != args.devices:
             raise PlanError(f"layout {lay}: data x fsdp x tensor = {math.prod(lay.values())}, but --devices is "
                             f"{args.devices}")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or set(engines) - {"dense", "paged"}:
+        raise PlanError(f"--engines {args.engines!r}: give dense, paged or both (comma-separated)")
+    for t in args.decode_tensor:
+        if t < 1 or args.devices % t:
+            raise PlanError(f"--decode-tensor {t}: must be a positive divisor of --devices ({args.devices})")
     devices, compiler = compile_devices(target, args.devices, prefer_gpu=not args.cpu)
     if args.eval:
         if rest:
@@ -624,7 +887,7 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
         name = args.model or "qwen3-8b"
         return [r for lay in (layouts or [{"data": 1, "fsdp": args.devices, "tensor": 1}])
                 for r in plan_eval(name, lay, target, devices, compiler, num_prompts=args.prompts,
-                                   prompt_len=args.prompt_len)]
+                                   prompt_len=args.prompt_len, engines=engines, decode_tensors=args.decode_tensor)]
     cfg, _ = train.build_config((["--config", args.config] if args.config else []) + list(rest))
     name = args.model or cfg.model.path
     if not layouts:
@@ -634,7 +897,8 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
     rows = []
     for lay in layouts:
         for i, remat in enumerate(remats):
-            rows.extend(plan_train(cfg, lay, remat, target, devices, compiler, name, rollout=i == 0))
+            rows.extend(plan_train(cfg, lay, remat, target, devices, compiler, name, rollout=i == 0,
+                                   engines=engines, decode_tensors=args.decode_tensor))
     return rows
 
 

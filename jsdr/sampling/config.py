@@ -142,6 +142,30 @@ class SampleOutput:
         return [self.tokens[i, :int(n)].tolist() for i, n in enumerate(self.lengths)]
 
 
+def row_keys(key, rows: int, n: int, prompt_keys=None) -> np.ndarray:
+    """The PRNG key of every sample row [rows, 2] (uint32, legacy key data): fold_in(key, r), or with
+    per-prompt keys [N, 2], fold_in(prompt_keys[r // n], r % n). Token t of row r is drawn with
+    uniform(fold_in(row key, t)); the same rule in both engines, so the samples of a prompt do not
+    depend on the engine, the batch or (with prompt keys) on the other prompts of the call."""
+    import jax  # the config half of this module stays importable without touching a backend
+
+    r = np.arange(rows, dtype=np.int32)
+    if prompt_keys is None:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(_key_data(key), r)
+    else:
+        pk = np.asarray(_key_data(prompt_keys))
+        keys = jax.vmap(jax.random.fold_in)(pk[r // n], r % n)
+    return np.asarray(keys, np.uint32)
+
+
+def _key_data(key):
+    import jax
+
+    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
 def stop_window(stop_strings: Sequence[str]) -> int:
     """Tokens of the text window in which a stop string is looked for (see `find_stop_string`)."""
     return max(len(s) for s in stop_strings) + STOP_WINDOW_SLACK
@@ -177,7 +201,7 @@ def cut_at_stop_strings(out: SampleOutput, stop_strings: Sequence[str], decode, 
     for r in range(len(out.lengths)):
         n = int(out.lengths[r])
         i = find_stop_string(out.tokens[r, :n].tolist(), stop_strings, decode)
-        if i is not None and i + 1 < n or (i is not None and out.finish_reason[r] != 0):
+        if i is not None:
             out.tokens[r, i + 1:] = pad_id
             out.logprobs[r, i + 1:] = 0.0
             out.logprobs_raw[r, i + 1:] = 0.0

@@ -25,7 +25,7 @@ import numpy as np
 
 from jsdr import sharding
 from jsdr.model.transformer import CACHE_AXES, CACHE_SEQ_AXIS, Model, init_cache, positions_from_segments
-from jsdr.sampling.config import SampleOutput, SamplingConfig
+from jsdr.sampling.config import SampleOutput, SamplingConfig, row_keys
 from jsdr.sampling.filters import FILTER_BOUND, sample_logits
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -38,6 +38,11 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
             return b
     top = max(buckets)
     return -(-n // top) * top
+
+
+def _pad_rows(keys, rows: int) -> np.ndarray:
+    keys = np.asarray(keys)
+    return np.concatenate([keys, np.zeros((rows - len(keys),) + keys.shape[1:], keys.dtype)])
 
 
 def _pow2_at_least(n: int) -> int:
@@ -90,10 +95,9 @@ class _HostBatch(NamedTuple):
     segment_ids: np.ndarray  # [Bp, P] int32, 1 on prompt tokens, 0 on padding
     prompt_lens: np.ndarray  # [Bp] int32
     active: np.ndarray  # [Bp] bool, False on padding rows
-    row_ids: np.ndarray  # [Bp * n] int32, the sample row of every decode row (folded into the key)
+    row_keys: np.ndarray  # [Bp * n, 2] uint32, the key of every decode row (config.row_keys)
     stop_ids: np.ndarray  # [slots] int32, -1 on unused slots
     knobs: Knobs
-    key: jax.Array
 
 
 class DenseSampler:
@@ -158,7 +162,7 @@ class DenseSampler:
         logits = self.model.logits(params, h[:, -1])
         return logits, cache["k"], cache["v"]
 
-    def _decode_impl(self, params, lora, logits0, prompt_k, prompt_v, segment_ids, prompt_lens, active, row_ids, key,
+    def _decode_impl(self, params, lora, logits0, prompt_k, prompt_v, segment_ids, prompt_lens, active, row_keys,
                      knobs: Knobs, stop_ids, *, n, max_new, greedy, filtered, penalty) -> DecodeResult:
         self.num_compiles += 1
         prompt_rows, prompt_len = segment_ids.shape
@@ -180,7 +184,6 @@ class DenseSampler:
                  "index": jnp.asarray(prompt_len, jnp.int32)}
         logits = constrain(repeat_rows(logits0), ("act_batch", None))
         lens = repeat_rows(prompt_lens)
-        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
 
         def draw(logits, seen, step):
             u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(row_keys)
@@ -266,7 +269,7 @@ class DenseSampler:
             return jnp.asarray(x)
         return jax.device_put(x, sharding.batch_sharding(x.ndim, self.mesh, self.rules, shape=x.shape))
 
-    def _host_inputs(self, prompts, sc: SamplingConfig, rng) -> _HostBatch:
+    def _host_inputs(self, prompts, sc: SamplingConfig, rng, prompt_keys=None) -> _HostBatch:
         if not isinstance(sc, SamplingConfig):
             raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
         rows = self._check_prompts(prompts)
@@ -293,14 +296,15 @@ class DenseSampler:
                       top_k=jnp.asarray(sc.top_k, jnp.int32))
         return _HostBatch(num_prompts=num_prompts, prompt_rows=prompt_rows, tokens=tokens, segment_ids=segment_ids,
                           prompt_lens=prompt_lens, active=np.arange(prompt_rows) < num_prompts,
-                          row_ids=np.arange(prompt_rows * sc.n, dtype=np.int32), stop_ids=stop_ids, knobs=knobs,
-                          key=jax.random.PRNGKey(sc.seed) if rng is None else rng)
+                          row_keys=row_keys(jax.random.PRNGKey(sc.seed) if rng is None else rng, prompt_rows * sc.n,
+                                            sc.n, None if prompt_keys is None else _pad_rows(prompt_keys, prompt_rows)),
+                          stop_ids=stop_ids, knobs=knobs)
 
     def _decode_args(self, x: _HostBatch, logits0, prompt_k, prompt_v, put=None) -> dict:
         put = put or self._put
         return dict(logits0=logits0, prompt_k=prompt_k, prompt_v=prompt_v, segment_ids=put(x.segment_ids),
-                    prompt_lens=put(x.prompt_lens), active=put(x.active), row_ids=put(x.row_ids),
-                    key=x.key, knobs=x.knobs, stop_ids=jnp.asarray(x.stop_ids))
+                    prompt_lens=put(x.prompt_lens), active=put(x.active), row_keys=put(x.row_keys),
+                    knobs=x.knobs, stop_ids=jnp.asarray(x.stop_ids))
 
     @staticmethod
     def _decode_static(sc: SamplingConfig) -> dict:
@@ -308,9 +312,9 @@ class DenseSampler:
                     penalty=sc.presence_penalty != 0)
 
     def generate(self, params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
-                 rng: jax.Array | None = None) -> SampleOutput:
+                 rng: jax.Array | None = None, prompt_keys=None) -> SampleOutput:
         """Sample `sc.n` completions for every prompt; see the module docstring for the semantics."""
-        x = self._host_inputs(prompts, sc, rng)
+        x = self._host_inputs(prompts, sc, rng, prompt_keys)
         rows = x.num_prompts * sc.n
         with self._ctx():
             logits0, prompt_k, prompt_v = self._prefill(params, lora, self._put(x.tokens), self._put(x.segment_ids))
@@ -318,7 +322,7 @@ class DenseSampler:
             self.decode_rows += x.prompt_rows * sc.n
             out = self._decode(params, lora, **self._decode_args(x, logits0, prompt_k, prompt_v),
                                **self._decode_static(sc))
-        out = DecodeResult(*(np.asarray(a)[:rows] for a in out))
+        out = DecodeResult(*(np.array(np.asarray(a)[:rows]) for a in out))  # writable copies
         return SampleOutput(tokens=out.tokens, logprobs=out.logprobs, logprobs_raw=out.logprobs_raw,
                             lengths=out.lengths.astype(np.int32),
                             finish_reason=np.where(out.stopped, 0, 1).astype(np.int8),
@@ -343,7 +347,7 @@ class DenseSampler:
             prefill = self._prefill.lower(params, lora, tokens, segment_ids).compile()
             logits0, prompt_k, prompt_v = jax.eval_shape(self._prefill, params, lora, tokens, segment_ids)
             args = self._decode_args(x, logits0, prompt_k, prompt_v, put=spec)
-            for k in ("key", "knobs", "stop_ids"):  # small replicated inputs: abstract, unplaced
+            for k in ("knobs", "stop_ids"):  # small replicated inputs: abstract, unplaced
                 args[k] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args[k])
             decode = self._decode.lower(params, lora, **args, **self._decode_static(sc)).compile()
         self.num_compiles = compiles  # analysis compiles are not generate's programs

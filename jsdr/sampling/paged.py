@@ -8,7 +8,7 @@ lists its pages in position order, so position p lives in slot p % S of page tab
 
 Slots. The decode program runs a fixed number of slots (rows) at once. A slot holds one sequence:
 the token to feed next (`last_token`) at its position (`pos`), the index of the token it samples
-next (`step`, which with the sample row `row` selects the uniforms: the same draws as the dense
+next (`step`, which with the sample row's `key` selects the uniforms: the same draws as the dense
 engine), its budget of new tokens, and done/stopped flags. Empty slots are done. A decode segment
 runs up to `steps` forward+sample steps over all slots inside one `lax.while_loop` and stops early
 once `exit_done` slots are done, so that the scheduler can refill them.
@@ -50,7 +50,7 @@ class Slots(NamedTuple):
     last_token: jax.Array  # [S] int32, fed at the next step
     pos: jax.Array  # [S] int32, the position of last_token
     step: jax.Array  # [S] int32, index of the next sampled token of the sequence
-    row: jax.Array  # [S] int32, the sample row (folded into the key)
+    key: jax.Array  # [S, 2] uint32, the sample row's key (config.row_keys)
     budget: jax.Array  # [S] int32, max new tokens of the sequence
     done: jax.Array  # [S] bool, finished or empty
     stopped: jax.Array  # [S] bool, ended by a stop token
@@ -172,11 +172,11 @@ class Programs:
                                      segment_ids=valid.astype(jnp.int32), cache=cache)
         return cache.k, cache.v
 
-    def _decode_impl(self, params, lora, k_pool, v_pool, slots: Slots, page_table, key, knobs: Knobs, stop_ids,
+    def _decode_impl(self, params, lora, k_pool, v_pool, slots: Slots, page_table, knobs: Knobs, stop_ids,
                      exit_done, *, steps, greedy, filtered, penalty):
         self.num_compiles += 1
         S = slots.done.shape[0]
-        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, slots.row)
+        row_keys = slots.key
         constrain = sharding.constrain
 
         def cond(c):
@@ -207,7 +207,7 @@ class Programs:
                 seen = seen.at[jnp.arange(S), tok].max(active)
             step = active.astype(jnp.int32)
             sl = Slots(last_token=jnp.where(active, tok, sl.last_token), pos=sl.pos + step, step=sl.step + step,
-                       row=sl.row, budget=sl.budget, done=sl.done | fin, stopped=sl.stopped | hit, seen=seen)
+                       key=sl.key, budget=sl.budget, done=sl.done | fin, stopped=sl.stopped | hit, seen=seen)
             return i + 1, cache.k, cache.v, sl, out
 
         out = Segment(tokens=jnp.full((S, steps), self.pad_id, jnp.int32),
@@ -220,7 +220,7 @@ class Programs:
     def _update_impl(self, slots: Slots, mask, new: Slots, seen_tokens):
         """Slots with the rows of `mask` replaced by `new` (whose `seen` is ignored): their seen
         tokens are reset to `seen_tokens` [S, G] (-1 = none), the tokens a resumed sequence has."""
-        rows = [jnp.where(mask, n, o) for n, o in zip(new[:-1], slots[:-1])]
+        rows = [jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o) for n, o in zip(new[:-1], slots[:-1])]
         seen = slots.seen
         if seen is not None:
             S, V = seen.shape
@@ -254,10 +254,10 @@ class Programs:
             return self._prefill(params, lora, *pools, self.put_rows(tokens), self.put_rows(positions),
                                  self.put_rows(valid), self.put_rows(page_table))
 
-    def decode(self, params, lora, pools, slots, page_table, key, knobs, stop_ids, exit_done, *, steps, greedy,
+    def decode(self, params, lora, pools, slots, page_table, knobs, stop_ids, exit_done, *, steps, greedy,
                filtered, penalty):
         with self.ctx():
-            return self._decode(params, lora, *pools, slots, self.put_rows(page_table), key, knobs,
+            return self._decode(params, lora, *pools, slots, self.put_rows(page_table), knobs,
                                 jnp.asarray(stop_ids), jnp.asarray(exit_done, jnp.int32), steps=steps,
                                 greedy=greedy, filtered=filtered, penalty=penalty)
 
@@ -272,7 +272,8 @@ class Programs:
 
     def empty_slots(self, S: int, penalty: bool) -> Slots:
         z = np.zeros((S,), np.int32)
-        slots = Slots(last_token=z + self.pad_id, pos=z, step=z, row=z, budget=z + 1, done=np.ones((S,), bool),
+        slots = Slots(last_token=z + self.pad_id, pos=z, step=z, key=np.zeros((S, 2), np.uint32), budget=z + 1,
+                      done=np.ones((S,), bool),
                       stopped=np.zeros((S,), bool), seen=None)
         slots = Slots(*(self.put_rows(x) for x in slots[:-1]), seen=None)
         if penalty:

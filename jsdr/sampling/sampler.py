@@ -140,11 +140,18 @@ class Sampler:
 
     def generate(self, params, lora, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
                  rng: jax.Array | None = None, *, max_new_tokens: Sequence[int] | None = None,
-                 progress: Callable[[dict], None] | None = None) -> SampleOutput:
-        """Sample `sc.n` completions for every prompt. max_new_tokens: per prompt (default
+                 prompt_keys=None, progress: Callable[[dict], None] | None = None,
+                 on_prompt_done: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
+        """Sample `sc.n` completions for every prompt.
+
+        rng: the call's key (default PRNGKey(sc.seed)); sample row r draws with fold_in(rng, r).
+        prompt_keys: [N, 2] per-prompt keys instead: sample j of prompt i draws with
+        fold_in(prompt_keys[i], j), so a prompt's samples do not depend on the other prompts of the
+        call (jsdr.eval: resumable in any batching). max_new_tokens: per prompt (default
         sc.max_new_tokens for all). progress: called after every decode segment of the paged engine
         with {"finished", "total", "running", "waiting", "tokens", "tokens_per_s", "pages_in_use",
-        "pages_total", "seconds"}."""
+        "pages_total", "seconds"}. on_prompt_done(i, out_i): called once all samples of prompt i are
+        finished (paged: as they finish; dense: after the call), out_i holding its n rows."""
         if not isinstance(sc, SamplingConfig):
             raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
         rows = self.dense._check_prompts(prompts)
@@ -152,13 +159,21 @@ class Sampler:
         if sc.stop_strings and self.detokenize is None:
             raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
         key = jax.random.PRNGKey(sc.seed) if rng is None else rng
+        if prompt_keys is not None and len(prompt_keys) != len(rows):
+            raise SamplingError(f"prompt_keys: {len(prompt_keys)} keys for {len(rows)} prompts")
         if sc.engine == "dense":
-            return self._dense(params, lora, rows, sc, key, limits)
+            out = self._dense(params, lora, rows, sc, key, limits, prompt_keys)
+            if on_prompt_done is not None:
+                for i in range(len(rows)):
+                    sl = slice(i * sc.n, (i + 1) * sc.n)
+                    on_prompt_done(i, SampleOutput(out.tokens[sl], out.logprobs[sl], out.logprobs_raw[sl],
+                                                   out.lengths[sl], out.finish_reason[sl], out.prompt_index[sl]))
+            return out
         tensor = self.decode_tensor(params, sc)
         engine = self.engine(tensor)
         placed, lora = self.place(params, lora, engine, tensor)
         out = engine.generate(placed, lora, rows, sc, key, limits, cache_dtype=self.dense._cache_dtype(params),
-                              progress=progress)
+                              prompt_keys=prompt_keys, progress=progress, on_prompt_done=on_prompt_done)
         self.last_stats = dict(engine.stats, decode_tensor=tensor)
         return out
 
@@ -172,11 +187,11 @@ class Sampler:
                                 f"got {list(max_new_tokens)!r}")
         return limits
 
-    def _dense(self, params, lora, rows, sc: SamplingConfig, key, limits: list[int]) -> SampleOutput:
+    def _dense(self, params, lora, rows, sc: SamplingConfig, key, limits: list[int], prompt_keys=None) -> SampleOutput:
         width = max(limits)
         if width != sc.max_new_tokens:
             sc = dataclasses.replace(sc, max_new_tokens=width)
-        out = self.dense.generate(params, lora, rows, sc, rng=key)
+        out = self.dense.generate(params, lora, rows, sc, rng=key, prompt_keys=prompt_keys)
         for r, p in enumerate(out.prompt_index):  # per-prompt limits: cut the longer rows
             m = limits[int(p)]
             if out.lengths[r] > m:
@@ -235,18 +250,18 @@ class Sampler:
                 lora = jax.tree.map(lambda a: spec(a.shape, a.dtype, rep), lora)
         pool = spec(shape.shape, shape.dtype, prog.pool_sharding())
         penalty = sc.presence_penalty != 0
-        slots = Slots(*(rowspec((S,), t) for t in (jnp.int32,) * 5 + (jnp.bool_,) * 2),
+        slots = Slots(*(rowspec((S,), jnp.int32) for _ in range(3)), key=rowspec((S, 2), jnp.uint32),
+                      budget=rowspec((S,), jnp.int32), done=rowspec((S,), jnp.bool_), stopped=rowspec((S,), jnp.bool_),
                       seen=rowspec((S, self.cfg.vocab_size), jnp.bool_) if penalty else None)
         scalar = lambda t: spec((), t)
         knobs = Knobs(*(scalar(jnp.float32) for _ in range(4)), top_k=scalar(jnp.int32))
-        key = spec((2,), jnp.uint32)
         compiles = prog.num_compiles
         with prog.ctx():
             R = rows * shards
             prefill = prog._prefill.lower(params, lora, pool, pool, rowspec((R, C), jnp.int32),
                                           rowspec((R, C), jnp.int32), rowspec((R, C), jnp.bool_),
                                           rowspec((R, widths(-(-prompt_len // ps))), jnp.int32)).compile()
-            decode = prog._decode.lower(params, lora, pool, pool, slots, rowspec((S, widths(full)), jnp.int32), key,
+            decode = prog._decode.lower(params, lora, pool, pool, slots, rowspec((S, widths(full)), jnp.int32),
                                         knobs, spec((8,), jnp.int32), scalar(jnp.int32), steps=sc.decode_steps,
                                         greedy=sc.greedy, filtered=sc.filtered, penalty=penalty).compile()
         prog.num_compiles = compiles

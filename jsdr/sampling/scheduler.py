@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsdr.errors import JsdrError
-from jsdr.sampling.config import SampleOutput, SamplingConfig, find_stop_string
+from jsdr.sampling.config import SampleOutput, SamplingConfig, find_stop_string, row_keys
 from jsdr.sampling.paged import Knobs, PoolShape, Programs, Slots
 
 CPU_POOL_CAP = 4 << 30  # auto KV budget without device memory statistics (CPU): at most this per device
@@ -95,11 +95,12 @@ class _Group:
 
 
 class _Seq:
-    __slots__ = ("row", "group", "max_new", "tokens", "logprobs", "raw", "pages", "shard", "slot", "stopped",
+    __slots__ = ("row", "key", "group", "max_new", "tokens", "logprobs", "raw", "pages", "shard", "slot", "stopped",
                  "finished", "checked", "admitted_at")
 
     def __init__(self, row: int, group: _Group, max_new: int):
         self.row, self.group, self.max_new = row, group, max_new
+        self.key = np.zeros((2,), np.uint32)  # set by the call (config.row_keys)
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.raw: list[float] = []
@@ -234,8 +235,9 @@ class PagedEngine:
                           f"the model's context ({self.context_len} tokens)", stacklevel=4)
 
     def generate(self, params, lora, prompts: Sequence[np.ndarray], sc: SamplingConfig, key: jax.Array,
-                 max_new: Sequence[int], *, cache_dtype, progress: Callable[[dict], None] | None = None
-                 ) -> SampleOutput:
+                 max_new: Sequence[int], *, cache_dtype, prompt_keys=None,
+                 progress: Callable[[dict], None] | None = None,
+                 on_prompt_done: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
         prog = self.programs
         if sc.stop_strings and self.detokenize is None:
             raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
@@ -245,6 +247,9 @@ class PagedEngine:
         ps, steps = shape.page_size, sc.decode_steps
         groups = [_Group(i, p, n) for i, p in enumerate(prompts)]
         seqs = [_Seq(g.index * n + j, g, max_new[g.index]) for g in groups for j in range(n)]
+        for s, k in zip(seqs, row_keys(key, len(seqs), n, prompt_keys)):
+            s.key = k
+        unfinished = [n] * len(groups)
         S = slot_count(len(seqs), sc.max_slots, shards)
         Sl = S // shards
         full_pages = max(math.ceil((len(p) + m) / ps) for p, m in zip(prompts, max_new))
@@ -382,7 +387,7 @@ class PagedEngine:
                 exit_done = done_now + max(1, min(len(waiting), S // 8)) if waiting else S + 1
                 before = {s.slot: len(s.tokens) for s in live}
                 pools_k, pools_v, slots, out = prog.decode(
-                    params, lora, pools, slots, table, key, knobs, stop_ids, exit_done, steps=steps,
+                    params, lora, pools, slots, table, knobs, stop_ids, exit_done, steps=steps,
                     greedy=sc.greedy, filtered=sc.filtered, penalty=penalty)
                 pools = (pools_k, pools_v)
                 self.stats["segments"] += 1
@@ -411,6 +416,11 @@ class PagedEngine:
                         s.finished = True
                         finished += 1
                         free_seq(s)
+                        unfinished[s.group.index] -= 1
+                        if on_prompt_done is not None and unfinished[s.group.index] == 0:
+                            g = s.group.index
+                            on_prompt_done(g, self._output(seqs[g * n:(g + 1) * n], max(max_new), n, prog.pad_id,
+                                                           first=g * n))
                 if killed:
                     slots = self._kill(slots, killed, S)
                 self.stats["turns"] = turn
@@ -474,7 +484,8 @@ class PagedEngine:
 
     def _admit(self, slots, admitted: list[_Seq], S: int, penalty: bool):
         mask = np.zeros((S,), bool)
-        new = [np.zeros((S,), np.int32) for _ in range(5)]  # last_token, pos, step, row, budget
+        new = [np.zeros((S,), np.int32) for _ in range(5)]  # last_token, pos, step, key (below), budget
+        new[3] = np.zeros((S, 2), np.uint32)
         G = 1
         if penalty:
             G = _pow2(max(1, max(len(s.tokens) for s in admitted)))
@@ -482,7 +493,7 @@ class PagedEngine:
         for s in admitted:
             mask[s.slot] = True
             last = s.tokens[-1] if s.tokens else int(s.group.tokens[-1])
-            for arr, v in zip(new, (last, s.pos, len(s.tokens), s.row, s.max_new)):
+            for arr, v in zip(new, (last, s.pos, len(s.tokens), s.key, s.max_new)):
                 arr[s.slot] = v
             if penalty and s.tokens:
                 seen[s.slot, :len(s.tokens)] = s.tokens
@@ -493,11 +504,12 @@ class PagedEngine:
         mask = np.zeros((S,), bool)
         mask[which] = True
         z = np.zeros((S,), np.int32)
-        new = Slots(z, z, z, z, z + 1, done=np.ones((S,), bool), stopped=np.zeros((S,), bool), seen=None)
+        new = Slots(z, z, z, np.zeros((S, 2), np.uint32), z + 1, done=np.ones((S,), bool), stopped=np.zeros((S,), bool), seen=None)
         return self.programs.update(slots, mask, new, np.full((S, 1), -1, np.int32))
 
     @staticmethod
-    def _output(seqs: list[_Seq], width: int, n: int, pad_id: int) -> SampleOutput:
+    def _output(seqs: list[_Seq], width: int, n: int, pad_id: int, first: int = 0) -> SampleOutput:
+        """Rows of `seqs` (sample rows first .. first + len - 1) as a SampleOutput."""
         R = len(seqs)
         tokens = np.full((R, width), pad_id, np.int32)
         logprobs = np.zeros((R, width), np.float32)
@@ -506,8 +518,9 @@ class PagedEngine:
         reason = np.ones((R,), np.int8)
         for s in seqs:
             k = len(s.tokens)
-            tokens[s.row, :k], logprobs[s.row, :k], raw[s.row, :k] = s.tokens, s.logprobs, s.raw
-            lengths[s.row] = k
-            reason[s.row] = 0 if s.stopped else 1
+            r = s.row - first
+            tokens[r, :k], logprobs[r, :k], raw[r, :k] = s.tokens, s.logprobs, s.raw
+            lengths[r] = k
+            reason[r] = 0 if s.stopped else 1
         return SampleOutput(tokens=tokens, logprobs=logprobs, logprobs_raw=raw, lengths=lengths,
-                            finish_reason=reason, prompt_index=(np.arange(R) // n).astype(np.int32))
+                            finish_reason=reason, prompt_index=((np.arange(R) + first) // n).astype(np.int32))
