@@ -5,15 +5,20 @@ temperature 1.0, top-p 0.95, top-k off, min-p 0, presence penalty 0, 16 samples 
 
 Results are keyed by everything that produced them (model, adapter and a hash of its files,
 tokenizer, benchmarks and their contents, the rendered prompts, every sampling setting, grader,
-dtype, seed, batch size): the key is written to `<output_dir>/eval_key.json`, and the default
+dtype, seed; not the engine settings such as page size or KV budget, which do not change the
+samples): the key is written to `<output_dir>/eval_key.json`, and the default
 output directory `eval/<model>[+<adapter>]-<8 hex digits of the key>` differs whenever the key does.
 An output directory that holds samples of another key is refused, never mixed or cleared, unless
 `--overwrite=true` says so.
 
-Every sample is appended to `<output_dir>/samples.jsonl` as soon as its batch finishes (prompt,
-response, extracted answer, correctness, grader error, length, finish reason), so a stopped run
-resumes where it stopped: problems that already have all their samples are skipped, and the batches
-are fixed slices of the problem list, so a resumed run draws the same samples as an unbroken one.
+Sampling runs on the paged engine by default: every problem left goes into one sampler call whose
+decode slots are refilled as samples finish (`--sampling.engine=dense` for the reference engine).
+The samples of a problem are appended to `<output_dir>/samples.jsonl` as soon as all of them are
+finished (prompt, response, extracted answer, correctness, grader error, length, finish reason), so
+a stopped run resumes where it stopped: problems that already have all their samples are skipped,
+and every problem draws with its own key (seed, benchmark, index), so a resumed run draws the same
+samples as an unbroken one. Progress shows samples/s, tokens/s, running and waiting sequences and
+KV pages in use.
 The scores (Avg@n, unbiased pass@k, maj@n, mean response length, per benchmark and the unweighted
 average over benchmarks) are computed from that file, printed as a table and written to `results.json`.
 
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from jsdr import config, run, sharding, toy
@@ -52,13 +58,14 @@ from jsdr.model import hf
 from jsdr.model.hf import CheckpointError
 from jsdr.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from jsdr.model.transformer import Model
-from jsdr.sampling import Sampler, SamplingConfig
+from jsdr.sampling import ENGINE_FIELDS, Sampler, SamplingConfig
 
 TABLE5 = SamplingConfig(temperature=1.0, top_p=0.95, top_k=-1, min_p=0.0, presence_penalty=0.0, n=16,
                         max_new_tokens=38912)
 
 KEY_FILE, SAMPLES_FILE, RESULTS_FILE = "eval_key.json", "samples.jsonl", "results.json"
-KEY_FORMAT = 1  # bump when the meaning of a key field changes
+KEY_FORMAT = 2  # bump when the meaning of a key field changes (2: per-problem keys; engine settings left out)
+DENSE_BATCH_PROMPTS = 8
 OUTPUT_PLACEHOLDERS = ("model", "adapter", "name", "key")
 
 
@@ -74,7 +81,8 @@ class EvalConfig:
     limit: int | None = field(None, "only the first N problems of each benchmark")
     thinking: bool = field(True, "Qwen3 thinking mode in the prompt (table 5: on)")
     sampling: SamplingConfig = field(TABLE5, "")
-    batch_prompts: int = field(8, "prompts per sampler call (each with sampling.n samples)")
+    batch_prompts: int = field(0, "prompts per sampler call (0 = every problem left in one call: the paged engine "
+                                  "keeps its slots full; the dense engine then takes 8 per call)")
     dtype: Literal["bfloat16", "float32"] = field("bfloat16", "weights and KV-cache dtype")
     grader: Literal["math_verify", "string"] = field("math_verify", "how \\boxed{} answers are graded")
     output_dir: str = field("eval/{name}-{key}",
@@ -89,7 +97,7 @@ class EvalConfig:
 
     def __post_init__(self):
         config.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
-        config.check(self.batch_prompts > 0, "batch_prompts", "must be > 0")
+        config.check(self.batch_prompts >= 0, "batch_prompts", "must be >= 0 (0 = all in one call)")
         config.check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
         try:
             self.output_dir.format(**{k: "x" for k in OUTPUT_PLACEHOLDERS})
@@ -198,14 +206,25 @@ def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_d
         "prompt": {"template": templates.student, "system": templates.system, "thinking": cfg.thinking,
                    "chat_template_sha256": _sha256_json(chat_template),
                    "rendered_sha256": _sha256_json([list(map(int, x)) for x in prompts])},
-        "sampling": config.to_dict(cfg.sampling),
+        "sampling": _sampling_key(cfg.sampling),
         "stop_token_ids": [int(i) for i in stop_ids],
         "grader": cfg.grader,
         "dtype": cfg.dtype,
         "seed": cfg.seed,
-        "batch_prompts": cfg.batch_prompts,
     }
     return json.loads(json.dumps(key))  # plain JSON types, as read back from eval_key.json
+
+
+def _sampling_key(sc: SamplingConfig) -> dict:
+    """The sampling settings that decide the samples (engine settings such as page size or KV budget
+    only decide speed and memory: the engines return the same tokens)."""
+    return {k: v for k, v in config.to_dict(sc).items() if k not in ENGINE_FIELDS}
+
+
+def problem_key(seed: int, benchmark: str, index: int) -> np.ndarray:
+    """The PRNG key (uint32 [2]) of one problem's samples: the seed, the benchmark and the index."""
+    tag = zlib.crc32(f"{benchmark}:{index}".encode()) & 0x7FFFFFFF
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), tag), np.uint32)
 
 
 def key_hash(key: dict) -> str:
@@ -430,52 +449,61 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
 
     params, mcfg, tok, _ = load_model(cfg, mesh, progress, model_dir=model_dir, tokenizer=tok, rules=rules)
     sc = dataclasses.replace(cfg.sampling, stop_token_ids=stops)
-    sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=run.pad_id(tok), rules=rules)
+    sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=run.pad_id(tok), rules=rules,
+                      detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False))
 
-    # batches are fixed slices of the problem list, so a resumed run draws what an unbroken one would
-    bp = cfg.batch_prompts
-    batches = [list(range(s, min(s + bp, len(items)))) for s in range(0, len(items), bp)]
-    batches = [b for b in batches if any(items[j][:2] not in done for j in b)]
-    todo = sum(1 for b in batches for j in b if items[j][:2] not in done)
+    # every problem draws with its own key (seed, benchmark, index), so its samples do not depend on
+    # which problems share a sampler call: a resumed run draws what an unbroken one would
+    todo_items = [j for j in range(len(items)) if items[j][:2] not in done]
+    bp = cfg.batch_prompts or (len(todo_items) if sc.engine == "paged" else DENSE_BATCH_PROMPTS)
+    calls = [todo_items[s:s + bp] for s in range(0, len(todo_items), max(bp, 1))]
     total = len(items)
     log(f"jsdr.eval: {total} problems x {n} samples over {', '.join(b for b, _ in benches)}; "
-        f"{total - todo} already done in {samples_path} (key {key_hash(key)})")
-    bar = tqdm(total=todo * n, unit="sample", disable=not progress, dynamic_ncols=True)
-    t0, n_tokens, n_samples = time.time(), 0, 0
+        f"{total - len(todo_items)} already done in {samples_path} (key {key_hash(key)}); "
+        f"{sc.engine} engine, {len(calls)} sampler call{'s' if len(calls) != 1 else ''}")
+    bar = tqdm(total=len(todo_items) * n, unit="sample", disable=not progress, dynamic_ncols=True)
+    t0, counts = time.time(), {"tokens": 0, "samples": 0}
     try:
         with samples_path.open("a") as f:
-            for batch in batches:
-                name0, i0, _ = items[batch[0]]
-                # the key depends only on the seed and the batch's first problem
-                tag = zlib.crc32(f"{name0}:{i0}".encode()) & 0x7FFFFFFF
-                rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), tag)
-                with sharding.use_mesh(mesh, rules):
-                    out = sampler.generate(params, None, [prompts[j] for j in batch], sc, rng=rng)
+            def write(batch, i, out):  # all n samples of problem batch[i] are finished
+                name, idx, r = items[batch[i]]
                 reasons = out.finish_reason_str
                 lines = []
-                for row in range(len(batch) * n):
-                    name, i, r = items[batch[row // n]]
-                    if (name, i) in done:  # complete before a stop mid-batch
-                        continue
+                for row in range(n):
                     length = int(out.lengths[row])
                     text = tok.decode(out.tokens[row, :length].tolist(), skip_special_tokens=True)
                     g = grade(text, r["answer"], method=cfg.grader)
                     lines.append(json.dumps({
-                        "benchmark": name, "problem_index": i, "sample_index": row % n, "prompt": r["problem"],
+                        "benchmark": name, "problem_index": idx, "sample_index": row, "prompt": r["problem"],
                         "response": text, "answer": r["answer"], "extracted": g.extracted,
                         "correct": bool(g.correct), "error": g.error, "length": length,
                         "finish_reason": reasons[row]}) + "\n")
-                    n_tokens += length
+                    counts["tokens"] += length
                 f.write("".join(lines))
                 f.flush()
-                n_samples += len(lines)
+                counts["samples"] += n
+                bar.update(n)
+                show({})
+
+            def show(engine_state):
                 dt = max(time.time() - t0, 1e-9)
-                bar.update(len(lines))
-                bar.set_postfix({"samples/s": f"{n_samples / dt:.2f}", "tokens/s": f"{n_tokens / dt:.0f}"},
-                                refresh=False)
+                post = {"samples/s": f"{counts['samples'] / dt:.2f}"}
+                if engine_state:
+                    post.update({"tokens/s": f"{engine_state['tokens_per_s']:.0f}",
+                                 "running": engine_state["running"], "waiting": engine_state["waiting"],
+                                 "pages": f"{engine_state['pages_in_use']}/{engine_state['pages_total']}"})
+                else:
+                    post["tokens/s"] = f"{counts['tokens'] / dt:.0f}"
+                bar.set_postfix(post, refresh=False)
+
+            for batch in calls:
+                keys = np.stack([problem_key(cfg.seed, *items[j][:2]) for j in batch])
+                with sharding.use_mesh(mesh, rules):
+                    sampler.generate(params, None, [prompts[j] for j in batch], sc, prompt_keys=keys,
+                                     progress=show, on_prompt_done=lambda i, out, b=batch: write(b, i, out))
     except KeyboardInterrupt:
         hint = "run the same command again to resume" if cfg.resume else "rerun with --resume=true to continue"
-        raise EvalInterrupted(samples_path, (total - todo) * n + n_samples, hint) from None
+        raise EvalInterrupted(samples_path, (total - len(todo_items)) * n + counts["samples"], hint) from None
     finally:
         bar.close()
     results = summarize_file(samples_path, n)

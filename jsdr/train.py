@@ -44,7 +44,7 @@ from jsdr.methods import MethodOptions
 from jsdr.model.attention import resolve_impl
 from jsdr.model.lora import LoraConfig, init_lora, save_peft
 from jsdr.model.transformer import Model
-from jsdr.sampling import Sampler, SamplingConfig
+from jsdr.sampling import ENGINE_FIELDS, Sampler, SamplingConfig
 
 # the toy's configs ship inside the package (configs/toy in the repository links to them), so the
 # default command works from an installed wheel too
@@ -452,7 +452,8 @@ class Trainer:
         if self._sampler is None:
             # decoding needs only the LoRA scale of the training forward (no remat, dropout or training kernel)
             self._sampler = Sampler(Model(self.mcfg, lora_scale=self.model.lora_scale), mesh=self.mesh,
-                                    pad_id=self.pad_id, rules=self.rules)
+                                    pad_id=self.pad_id, rules=self.rules,
+                                    detokenize=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
         with sharding.use_mesh(self.mesh, self.rules):
             return self._sampler.generate(self.params, lora, prompts, sc, rng=rng)
 
@@ -466,7 +467,8 @@ class Trainer:
         d = self.cfg.data
         prompts = [render_student(self.tokenizer, r["problem"], self.cfg.prompts) for r in self.eval_records]
         sc = SamplingConfig(temperature=d.eval_temperature, n=1, max_new_tokens=d.eval_max_new_tokens,
-                            stop_token_ids=self.stop_ids, seed=self.cfg.seed)
+                            stop_token_ids=self.stop_ids, seed=self.cfg.seed,
+                            **{k: getattr(self.cfg.rollout, k) for k in ENGINE_FIELDS})  # the rollouts' engine
         out = self.sample(lora, prompts, sc, jax.random.PRNGKey(self.cfg.seed + 7))
         texts = run.decode(self.tokenizer, out.tokens, out.lengths)
         correct = [grade(t, r["answer"], method=self.cfg.reward).correct for t, r in zip(texts, self.eval_records)]

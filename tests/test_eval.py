@@ -88,7 +88,7 @@ def test_scores_from_known_samples(toy_tiny_assets, bench, tmp_path, monkeypatch
     tok = AutoTokenizer.from_pretrained(toy_tiny_assets / "model")
     probs = toy.toy_benchmark(5)
     # problem i: sample j answers correctly iff j < i (so c_i = min(i, 3) of n = 3)
-    def fake_generate(self, params, lora, prompts, sc, rng=None):
+    def fake_generate(self, params, lora, prompts, sc, rng=None, **kw):
         texts = []
         start = fake_generate.offset
         for p in range(len(prompts)):
@@ -97,7 +97,7 @@ def test_scores_from_known_samples(toy_tiny_assets, bench, tmp_path, monkeypatch
                 ans = probs[i]["answer"] if j < i else str((int(probs[i]["answer"]) + 1) % 10)
                 texts.append(f"so \\boxed{{{ans}}}")
         fake_generate.offset += len(prompts)
-        return _sample_output(tok, texts, sc.n)
+        return _deliver(_sample_output(tok, texts, sc.n), sc.n, kw)
     fake_generate.offset = 0
     monkeypatch.setattr("jsdr.sampling.Sampler.generate", fake_generate)
     res = EV.evaluate(_cfg(toy_tiny_assets, bench, tmp_path), progress=False, log=lambda *a: None)
@@ -138,6 +138,16 @@ def _sample_output(tok, texts, n):
                         np.array([len(x) for x in ids], np.int32), np.zeros(R, np.int8), np.arange(R) // n)
 
 
+def _deliver(out, n, kw):
+    """Hand each prompt's rows to on_prompt_done, as Sampler.generate does."""
+    if kw.get("on_prompt_done") is not None:
+        for i in range(len(out.lengths) // n):
+            sl = slice(i * n, (i + 1) * n)
+            kw["on_prompt_done"](i, SampleOutput(out.tokens[sl], out.logprobs[sl], out.logprobs_raw[sl],
+                                                 out.lengths[sl], out.finish_reason[sl], out.prompt_index[sl]))
+    return out
+
+
 @pytest.fixture
 def fake_sampler(toy_tiny_assets, monkeypatch):
     """Sampler.generate replaced by a deterministic stand-in (the answer depends on the prompt, the sample
@@ -146,14 +156,13 @@ def fake_sampler(toy_tiny_assets, monkeypatch):
     tok = AutoTokenizer.from_pretrained(toy_tiny_assets / "model")
     calls, fail = [], {}
 
-    def generate(self, params, lora, prompts, sc, rng=None):
+    def generate(self, params, lora, prompts, sc, rng=None, **kw):
         calls.append(len(prompts))
         if len(calls) in fail:
             raise fail[len(calls)]
-        salt = int(np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                              else rng).sum())
-        texts = [f"so \\boxed{{{(sum(p) + j + salt) % 10}}}" for p in prompts for j in range(sc.n)]
-        return _sample_output(tok, texts, sc.n)
+        salts = [int(np.asarray(k).sum()) for k in kw["prompt_keys"]]  # each problem's own key
+        texts = [f"so \\boxed{{{(sum(p) + j + salt) % 10}}}" for p, salt in zip(prompts, salts) for j in range(sc.n)]
+        return _deliver(_sample_output(tok, texts, sc.n), sc.n, kw)
     monkeypatch.setattr("jsdr.sampling.Sampler.generate", generate)
     generate.calls, generate.fail = calls, fail
     return generate
