@@ -191,10 +191,12 @@ def compile_devices(target: Target | None, n: int, prefer_gpu: bool = True) -> t
 _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_HLO_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64", "s8": "int8",
+               "s32": "int32", "u8": "uint8", "u32": "uint32", "pred": "bool"}
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=")
-_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -278,7 +280,7 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
                     arrays = _results(kind, bool(m.group(1)), rhs.split(f" {kind}", 1)[0])
                     out[kind]["count"] += weight[name]
                     out[kind]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in arrays)
-                    hit = [a for a in arrays if weights and a[1] in weights]
+                    hit = [a for a in arrays if weights and a in weights]
                     if kind == "all-gather" and hit:
                         out["weight_all_gather"]["count"] += weight[name]
                         out["weight_all_gather"]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in hit)
@@ -289,8 +291,9 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
 def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
     """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
     while loop counted once per iteration: XLA's known trip count, or `unknown_trip` for a loop whose
-    count is decided at run time (the decode loop: its token budget). Bytes are the result sizes per
-    device (an all-gather's gathered output, an all-reduce's buffer)."""
+    count is decided at run time (the decode loop: its token budget). Both branches of a conditional
+    are counted (an upper bound). Bytes are the result sizes per device (an all-gather's gathered
+    output, an all-reduce's buffer; all of them for a combined op)."""
     return {k: v for k, v in _tally(hlo, unknown_trip).items() if k != "weight_all_gather"}
 
 
@@ -304,22 +307,27 @@ def loop_step_collectives(hlo: str, weights: set | None = None) -> dict[str, dic
     return {k: v for k, v in step.items() if v["count"]}
 
 
-def weight_shapes(trees, devices: int) -> set[tuple[int, ...]]:
-    """The shapes a gathered weight matrix can have: every leaf's shape, a stacked layer's without the
-    layer axis, and those with one dimension still split (divided by a divisor > 1 of `devices`): a
-    gather over one mesh axis of a weight also split over another. Vectors (norm scales, biases) are
-    left out: small, and their shapes are too easily an activation's."""
-    out: set[tuple[int, ...]] = set()
+def weight_shapes(trees, devices: int) -> set[tuple[str, tuple[int, ...]]]:
+    """(HLO dtype, dims) a gathered weight matrix can have, from trees of arrays (or ShapeDtypeStructs):
+    every leaf's shape, a stacked layer's without the layer axis, the matrix transposed, and those
+    with one dimension still split (divided by a divisor > 1 of `devices`): a gather over one mesh
+    axis of a weight also split over another. Vectors (norm scales, biases) are left out: small, and
+    their shapes are too easily an activation's; the dtype keeps the float32 logits of a bfloat16
+    model apart from its weights."""
+    out: set[tuple[str, tuple[int, ...]]] = set()
     divisors = [k for k in range(2, devices + 1) if devices % k == 0]
+    names = {v: k for k, v in _HLO_DTYPES.items()}
     for tree in trees:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            shape = tuple(leaf.shape)
-            if len(shape) < 2 or (len(shape) == 2 and "layers" in {str(getattr(k, "key", k)) for k in path}):
-                continue
+            shape, dtype = tuple(leaf.shape), names.get(jnp.dtype(leaf.dtype).name, jnp.dtype(leaf.dtype).name)
             keys = {str(getattr(k, "key", k)) for k in path}
-            for s in {shape, shape[1:] if "layers" in keys and len(shape) > 1 else shape}:
-                out.add(s)
-                out.update(s[:i] + (d // k,) + s[i + 1:] for i, d in enumerate(s) for k in divisors if d % k == 0)
+            if len(shape) < 2 or (len(shape) == 2 and "layers" in keys):
+                continue
+            base = shape[1:] if "layers" in keys else shape
+            for s in {shape, base, base[:-2] + base[-2:][::-1]}:  # a matrix may be gathered transposed
+                out.add((dtype, s))
+                out.update((dtype, s[:i] + (d // k,) + s[i + 1:]) for i, d in enumerate(s) for k in divisors
+                           if d % k == 0)
     return out
 
 
@@ -501,7 +509,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
         if prompts and rollout:
             sampler = Sampler(Model(mcfg, lora_scale=cfg.lora.scale, dtype=cfg.model.dtype), mesh=mesh, pad_id=0,
                               rules=rules)
-            weights = weight_shapes([param_shapes(mcfg), lshapes], len(devices))
+            weights = weight_shapes([params, lora], len(devices))
             plen, sc = cfg.data.max_prompt_tokens, cfg.rollout
             if "dense" in engines:
                 t0 = time.time()
@@ -612,13 +620,18 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
     bpp, ps = info["bytes_per_page"], info["page_size"]
     shards = info["decode_mesh"]["data"] if info["decode_mesh"] else 1
 
-    def besides_pool(prog) -> int:
+    def besides_pool(prog, running: bool = True) -> int:
         ma = prog.memory_analysis()
-        return (int(ma.argument_size_in_bytes) - info["pool_pages"] * bpp + int(ma.temp_size_in_bytes)
-                + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes))
+        args = int(ma.argument_size_in_bytes) - info["pool_pages"] * bpp
+        return args + (int(ma.temp_size_in_bytes) + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes)
+                       if running else 0)
 
     rest = resident + max(besides_pool(probe["prefill"]), besides_pool(probe["decode"]))
     pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - rest)
+    # the engine itself sizes the pool before running anything: from the memory its arguments leave
+    # free, temporaries not subtracted (kept beside the rows: engine_pool_pages)
+    in_use = resident + max(besides_pool(probe["prefill"], False), besides_pool(probe["decode"], False))
+    engine_pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - in_use)
     pages = max(pool["pages"], 2)
     progs = sampler.compile_paged(params, lora, num_prompts, prompt_len, sc, device_bytes=hbm, pool_pages=pages)
     info = progs["info"]
@@ -634,7 +647,7 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
                  full_length=prompt_len + sc.max_new_tokens, pages_per_sequence=own,
                  sequences_at_full_length=at_once, sequences=sequences, waves=waves, besides_pool=rest,
                  budget=pool["budget"], demand_pages=pool["demand"], kv_cache_fraction=sc.kv_cache_fraction,
-                 kv_cache_gb=sc.kv_cache_gb)
+                 kv_cache_gb=sc.kv_cache_gb, engine_pool_pages=engine_pool["pages"])
     notes = []
     if pool["pages"] < pool["one"]:
         notes.append(f"paged: the KV budget ({pool['budget'] / GIB:.2f} GiB/device) holds {pool['pages']} pages, "
@@ -657,7 +670,9 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
             r = _analyse(f"{prefix}_prefill", prog, groups, target, fields,
                          2 * mcfg.num_params() * num_prompts * prompt_len, resident=resident)
         r.compile_s = dt
-        r.paged = dict(facts, pct_hbm=r.bytes_per_device["total"] / hbm, decode_mesh_text=mesh_text)
+        extra = (engine_pool["pages"] - pages) * bpp
+        r.paged = dict(facts, pct_hbm=r.bytes_per_device["total"] / hbm, decode_mesh_text=mesh_text,
+                       engine_rule_total=r.bytes_per_device["total"] + extra)
         rows.append(r)
     return rows
 
@@ -675,10 +690,10 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
     mcfg = model_config(model_name)
     base = dict(model=model_name, method="eval", mesh=dict(mesh_sizes), remat="none", attn_impl="xla",
                 compiler=compiler, target=target.name, devices=len(devices), notes=layout_notes(mcfg, mesh, rules))
-    weights = weight_shapes([param_shapes(mcfg)], len(devices))
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(dtype))
+        weights = weight_shapes([params], len(devices))
         sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=0, rules=rules)
         if "dense" in engines:
             t0 = time.time()

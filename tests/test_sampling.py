@@ -16,8 +16,9 @@ from jsdr import sharding
 from jsdr.config import ConfigError
 from jsdr.model import hf
 from jsdr.model.transformer import Model
-from jsdr.sampling import (FILTER_BOUND, Sampler, SamplingConfig, _block_for, _first_argmax, bracket_threshold,
-                           filter_threshold, sample_logits, top_candidates)
+from jsdr.sampling import FILTER_BOUND, Sampler, SamplingConfig, bracket_threshold, filter_threshold, sample_logits, \
+    top_candidates
+from jsdr.sampling.filters import _block_for, _first_argmax
 from tests.tiny_models import build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [200, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]

@@ -24,8 +24,7 @@ batch, the slots or the schedule.
 from jsdr.sampling.config import (ENGINE_FIELDS, ENGINES, FINISH_REASONS, SampleOutput, SamplingConfig,
                                   cut_at_stop_strings, find_stop_string)
 from jsdr.sampling.dense import DEFAULT_PROMPT_BUCKETS, DenseSampler
-from jsdr.sampling.filters import (FILTER_BOUND, _block_for, _first_argmax, _pick, _pick_two_level,
-                                   bracket_threshold, filter_threshold, sample_logits, top_candidates)
+from jsdr.sampling.filters import FILTER_BOUND, bracket_threshold, filter_threshold, sample_logits, top_candidates
 from jsdr.sampling.sampler import Sampler, decode_mesh, decode_tensor_size
 from jsdr.sampling.scheduler import PagedEngine, SamplingError
 

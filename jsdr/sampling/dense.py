@@ -26,10 +26,9 @@ import numpy as np
 from jsdr import sharding
 from jsdr.model.transformer import CACHE_AXES, CACHE_SEQ_AXIS, Model, init_cache, positions_from_segments
 from jsdr.sampling.config import SampleOutput, SamplingConfig, row_keys
-from jsdr.sampling.filters import FILTER_BOUND, sample_logits
+from jsdr.sampling.filters import FILTER_BOUND, Knobs, knobs_of, sample_logits, stop_id_array
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-STOP_SLOTS = 8  # stop-id arrays are padded to a multiple of this, so their count rarely recompiles
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -47,16 +46,6 @@ def _pad_rows(keys, rows: int) -> np.ndarray:
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-class Knobs(NamedTuple):
-    """The traced sampling settings of one call (scalars); changing them never recompiles."""
-
-    temperature: jax.Array  # float32; 1 for greedy calls (unused there)
-    top_p: jax.Array  # float32
-    min_p: jax.Array  # float32
-    presence_penalty: jax.Array  # float32
-    top_k: jax.Array  # int32; -1 = off
 
 
 class DecodeState(NamedTuple):
@@ -286,14 +275,7 @@ class DenseSampler:
             tokens[i, P - len(r):] = r
             segment_ids[i, P - len(r):] = 1
             prompt_lens[i] = len(r)
-        stops = list(sc.stop_token_ids)
-        slots = max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS)
-        stop_ids = np.full((slots,), -1, np.int32)
-        stop_ids[:len(stops)] = stops
-        knobs = Knobs(temperature=jnp.asarray(sc.temperature if sc.temperature > 0 else 1.0, jnp.float32),
-                      top_p=jnp.asarray(sc.top_p, jnp.float32), min_p=jnp.asarray(sc.min_p, jnp.float32),
-                      presence_penalty=jnp.asarray(sc.presence_penalty, jnp.float32),
-                      top_k=jnp.asarray(sc.top_k, jnp.int32))
+        stop_ids, knobs = stop_id_array(sc.stop_token_ids), knobs_of(sc)
         return _HostBatch(num_prompts=num_prompts, prompt_rows=prompt_rows, tokens=tokens, segment_ids=segment_ids,
                           prompt_lens=prompt_lens, active=np.arange(prompt_rows) < num_prompts,
                           row_keys=row_keys(jax.random.PRNGKey(sc.seed) if rng is None else rng, prompt_rows * sc.n,

@@ -32,11 +32,40 @@ probabilities.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FILTER_BOUND = 64
+STOP_SLOTS = 8  # stop-id arrays are padded to a multiple of this, so their count rarely recompiles
+
+
+class Knobs(NamedTuple):
+    """The traced sampling settings of one call (scalars); changing them never recompiles."""
+
+    temperature: jax.Array  # float32; 1 for greedy calls (unused there)
+    top_p: jax.Array  # float32
+    min_p: jax.Array  # float32
+    presence_penalty: jax.Array  # float32
+    top_k: jax.Array  # int32; -1 = off
+
+
+def knobs_of(sc) -> Knobs:
+    """The Knobs of a SamplingConfig."""
+    return Knobs(temperature=jnp.asarray(sc.temperature if sc.temperature > 0 else 1.0, jnp.float32),
+                 top_p=jnp.asarray(sc.top_p, jnp.float32), min_p=jnp.asarray(sc.min_p, jnp.float32),
+                 presence_penalty=jnp.asarray(sc.presence_penalty, jnp.float32),
+                 top_k=jnp.asarray(sc.top_k, jnp.int32))
+
+
+def stop_id_array(stop_ids) -> np.ndarray:
+    """Stop token ids as an int32 array padded with -1 to a multiple of STOP_SLOTS."""
+    stops = list(stop_ids)
+    out = np.full((max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS),), -1, np.int32)
+    out[:len(stops)] = stops
+    return out
 
 
 def _f2b(x):

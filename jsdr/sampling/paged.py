@@ -31,17 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jsdr import sharding
 from jsdr.model.attention import PagedKV, _paged_axes, pool_spec
 from jsdr.model.transformer import Model
-from jsdr.sampling.filters import FILTER_BOUND, sample_logits
-
-
-class Knobs(NamedTuple):
-    """The traced sampling settings of one call (scalars); changing them never recompiles."""
-
-    temperature: jax.Array  # float32; 1 for greedy calls (unused there)
-    top_p: jax.Array  # float32
-    min_p: jax.Array  # float32
-    presence_penalty: jax.Array  # float32
-    top_k: jax.Array  # int32; -1 = off
+from jsdr.sampling.filters import FILTER_BOUND, Knobs, sample_logits
 
 
 class Slots(NamedTuple):

@@ -33,7 +33,8 @@ from jsdr.model.transformer import Model, param_axes
 from jsdr.sampling.config import SampleOutput, SamplingConfig, cut_at_stop_strings
 from jsdr.sampling.dense import DEFAULT_PROMPT_BUCKETS, DenseSampler
 from jsdr.sampling.filters import FILTER_BOUND
-from jsdr.sampling.paged import Knobs, PoolShape, Programs, Slots
+from jsdr.sampling.filters import Knobs
+from jsdr.sampling.paged import PoolShape, Programs, Slots
 from jsdr.sampling.scheduler import PagedEngine, SamplingError, TableWidths, slot_count
 
 DECODE_WEIGHT_SHARE = 0.25

@@ -40,13 +40,13 @@ import numpy as np
 
 from jsdr.errors import JsdrError
 from jsdr.sampling.config import SampleOutput, SamplingConfig, find_stop_string, row_keys
-from jsdr.sampling.paged import Knobs, PoolShape, Programs, Slots
+from jsdr.sampling.filters import knobs_of, stop_id_array
+from jsdr.sampling.paged import PoolShape, Programs, Slots
 
 CPU_POOL_CAP = 4 << 30  # auto KV budget without device memory statistics (CPU): at most this per device
 MIN_CONTEXT_TOKENS = 1024  # page tables narrower than this many tokens are not bucketed further
 MIN_PREFILL_CHUNK = 16
 PREFILL_TOKENS = 4096  # prefill rows x chunk per shard and call, at most
-STOP_SLOTS = 8
 
 
 class SamplingError(JsdrError, ValueError):
@@ -255,13 +255,7 @@ class PagedEngine:
         full_pages = max(math.ceil((len(p) + m) / ps) for p, m in zip(prompts, max_new))
         widths = TableWidths(full_pages, ps)
         penalty = sc.presence_penalty != 0
-        stops = list(sc.stop_token_ids)
-        stop_ids = np.full((max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS),), -1, np.int32)
-        stop_ids[:len(stops)] = stops
-        knobs = Knobs(temperature=jnp.asarray(sc.temperature if sc.temperature > 0 else 1.0, jnp.float32),
-                      top_p=jnp.asarray(sc.top_p, jnp.float32), min_p=jnp.asarray(sc.min_p, jnp.float32),
-                      presence_penalty=jnp.asarray(sc.presence_penalty, jnp.float32),
-                      top_k=jnp.asarray(sc.top_k, jnp.int32))
+        stop_ids, knobs = stop_id_array(sc.stop_token_ids), knobs_of(sc)
 
         pools = self._pools_for(shape)
         pages = _Pages(shards, shape.pages)
