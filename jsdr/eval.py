@@ -457,6 +457,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     todo_items = [j for j in range(len(items)) if items[j][:2] not in done]
     bp = cfg.batch_prompts or (len(todo_items) if sc.engine == "paged" else DENSE_BATCH_PROMPTS)
     calls = [todo_items[s:s + bp] for s in range(0, len(todo_items), max(bp, 1))]
+    for batch in calls:  # bad input (a prompt beyond the context, a KV budget too small) fails before any write
+        sampler.check(params, [prompts[j] for j in batch], sc)
     total = len(items)
     log(f"jsdr.eval: {total} problems x {n} samples over {', '.join(b for b, _ in benches)}; "
         f"{total - len(todo_items)} already done in {samples_path} (key {key_hash(key)}); "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -197,6 +198,7 @@ _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=")
 _CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_FEEDS_WEIGHT = re.compile(r'op_name="[^"]*(?:dot_general|/gather)')  # a matmul's or a take's operand
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -236,9 +238,9 @@ def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
 
 
 def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str, dict[str, int]]:
-    """collectives() and, with `weights` (shapes of weight arrays, see weight_shapes), the all-gathers
-    whose result is one of them under "weight_all_gather" (an op gathering several arrays counts once,
-    with the bytes of its weight arrays)."""
+    """collectives() and, with `weights` (see weight_shapes), under "weight_all_gather" the all-gathers
+    of weights: for a matmul or a take (their op_name) with a result of a weight's dtype and shape (an
+    op gathering several arrays counts once, with the bytes of its weight arrays)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -281,7 +283,7 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
                     out[kind]["count"] += weight[name]
                     out[kind]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in arrays)
                     hit = [a for a in arrays if weights and a in weights]
-                    if kind == "all-gather" and hit:
+                    if kind == "all-gather" and hit and _FEEDS_WEIGHT.search(line):
                         out["weight_all_gather"]["count"] += weight[name]
                         out["weight_all_gather"]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in hit)
                     break
@@ -307,27 +309,28 @@ def loop_step_collectives(hlo: str, weights: set | None = None) -> dict[str, dic
     return {k: v for k, v in step.items() if v["count"]}
 
 
-def weight_shapes(trees, devices: int) -> set[tuple[str, tuple[int, ...]]]:
-    """(HLO dtype, dims) a gathered weight matrix can have, from trees of arrays (or ShapeDtypeStructs):
-    every leaf's shape, a stacked layer's without the layer axis, the matrix transposed, and those
-    with one dimension still split (divided by a divisor > 1 of `devices`): a gather over one mesh
-    axis of a weight also split over another. Vectors (norm scales, biases) are left out: small, and
-    their shapes are too easily an activation's; the dtype keeps the float32 logits of a bfloat16
-    model apart from its weights."""
+def weight_shapes(trees) -> set[tuple[str, tuple[int, ...]]]:
+    """(HLO dtype, dims) that a gathered weight matrix can have, from trees of placed arrays (or
+    ShapeDtypeStructs with shardings): each dimension whole or as its shard (a gather over some of the
+    mesh axes), of every leaf and of a stacked layer's slice (without the layer axis), the matrix also
+    transposed, in its dtype or float32 (the CPU compiler converts before gathering). Vectors (norm
+    scales, biases) are left out: small, and their shapes are too easily an activation's."""
     out: set[tuple[str, tuple[int, ...]]] = set()
-    divisors = [k for k in range(2, devices + 1) if devices % k == 0]
     names = {v: k for k, v in _HLO_DTYPES.items()}
     for tree in trees:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            shape, dtype = tuple(leaf.shape), names.get(jnp.dtype(leaf.dtype).name, jnp.dtype(leaf.dtype).name)
+            shape = tuple(leaf.shape)
+            where = getattr(leaf, "sharding", None)
+            local = tuple(where.shard_shape(shape)) if where is not None else shape
             keys = {str(getattr(k, "key", k)) for k in path}
-            if len(shape) < 2 or (len(shape) == 2 and "layers" in keys):
+            if "layers" in keys:
+                shape, local = shape[1:], local[1:]
+            if len(shape) < 2:
                 continue
-            base = shape[1:] if "layers" in keys else shape
-            for s in {shape, base, base[:-2] + base[-2:][::-1]}:  # a matrix may be gathered transposed
-                out.add((dtype, s))
-                out.update((dtype, s[:i] + (d // k,) + s[i + 1:]) for i, d in enumerate(s) for k in divisors
-                           if d % k == 0)
+            dtype = names.get(jnp.dtype(leaf.dtype).name, jnp.dtype(leaf.dtype).name)
+            for dims in itertools.product(*({d, l} for d, l in zip(shape, local))):
+                for d in (dims, dims[:-2] + dims[-2:][::-1]):
+                    out.update({(dtype, d), ("f32", d)})
     return out
 
 
@@ -509,7 +512,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
         if prompts and rollout:
             sampler = Sampler(Model(mcfg, lora_scale=cfg.lora.scale, dtype=cfg.model.dtype), mesh=mesh, pad_id=0,
                               rules=rules)
-            weights = weight_shapes([params, lora], len(devices))
+            weights = weight_shapes([params, lora])
             plen, sc = cfg.data.max_prompt_tokens, cfg.rollout
             if "dense" in engines:
                 t0 = time.time()
@@ -656,6 +659,9 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
     fields = dict(base, engine="paged", layout="decode", run_mesh=dict(info["decode_mesh"] or {}),
                   paged=facts, notes=list(base.get("notes", ())) + notes)
     rows = []
+    placed = [jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w), tree, where)
+              for tree, where in zip((params, lora), progs["decode"].input_shardings[0][:2]) if tree is not None]
+    weights = (weights or set()) | weight_shapes(placed)  # as the decode layout lays them out too
     for name in ("prefill", "decode"):
         prog = progs[name]
         sh = prog.input_shardings[0]
@@ -693,7 +699,7 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
     rows = []
     with sharding.use_mesh(mesh, rules):
         params = abstract_params(mcfg, mesh, rules, jnp.dtype(dtype))
-        weights = weight_shapes([params], len(devices))
+        weights = weight_shapes([params])
         sampler = Sampler(Model(mcfg), mesh=mesh, pad_id=0, rules=rules)
         if "dense" in engines:
             t0 = time.time()

@@ -404,3 +404,15 @@ def test_eval_prompt_text_is_the_student_prompt_with_thinking_on():
                     + "<|im_end|>\n<|im_start|>assistant\n")
     off = tok.decode(EV._render_prompts(tok, items, False)[0])
     assert off == text + "<think>\n\n</think>\n\n"
+
+
+def test_bad_sampling_input_fails_before_any_sample_is_written(toy_tiny_assets, bench, tmp_path, fake_sampler,
+                                                               capsys):
+    """A KV budget too small for one sequence is one line (exit 2) before samples.jsonl exists."""
+    args = _args(toy_tiny_assets, bench, out=tmp_path / "b")
+    capsys.readouterr()
+    assert EV.main(args + ["--sampling.kv_cache_gb=0.000000001"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert line.startswith("jsdr.eval: sampling error: KV cache budget too small for one sequence"), line
+    assert "kv_cache_gb" in line
+    assert not (tmp_path / "b" / EV.SAMPLES_FILE).exists() and not fake_sampler.calls

@@ -163,6 +163,7 @@ class Sampler:
         if prompt_keys is not None and len(prompt_keys) != len(rows):
             raise SamplingError(f"prompt_keys: {len(prompt_keys)} keys for {len(rows)} prompts")
         if sc.engine == "dense":
+            self.engine(1).check(rows, limits)  # the context, as the paged engine checks it
             out = self._dense(params, lora, rows, sc, key, limits, prompt_keys)
             if on_prompt_done is not None:
                 for i in range(len(rows)):
@@ -177,6 +178,20 @@ class Sampler:
                               prompt_keys=prompt_keys, progress=progress, on_prompt_done=on_prompt_done)
         self.last_stats = dict(engine.stats, decode_tensor=tensor)
         return out
+
+    def check(self, params, prompts: Sequence[Sequence[int]], sc: SamplingConfig,
+              max_new_tokens: Sequence[int] | None = None) -> None:
+        """Raise the error a `generate` call with these arguments would raise on bad input (prompts,
+        limits, the model's context, a KV budget too small for one sequence), without running
+        anything: callers check before they write anything (jsdr.eval)."""
+        rows = self.dense._check_prompts(prompts)
+        limits = self._limits(max_new_tokens, len(rows), sc)
+        if sc.stop_strings and self.detokenize is None:
+            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
+        engine = self.engine(self.decode_tensor(params, sc) if sc.engine == "paged" else 1)
+        engine.check(rows, limits)
+        if sc.engine == "paged":
+            engine.plan_pool(sc, [len(r) for r in rows], limits, sc.n, self.dense._cache_dtype(params))
 
     @staticmethod
     def _limits(max_new_tokens, count: int, sc: SamplingConfig) -> list[int]:
