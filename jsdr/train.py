@@ -454,8 +454,11 @@ class Trainer:
             self._sampler = Sampler(Model(self.mcfg, lora_scale=self.model.lora_scale), mesh=self.mesh,
                                     pad_id=self.pad_id, rules=self.rules,
                                     detokenize=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-        with sharding.use_mesh(self.mesh, self.rules):
-            return self._sampler.generate(self.params, lora, prompts, sc, rng=rng)
+        try:
+            with sharding.use_mesh(self.mesh, self.rules):
+                return self._sampler.generate(self.params, lora, prompts, sc, rng=rng)
+        finally:  # the KV pools go back before the train step; the decode copy of the base weights stays
+            self._sampler.release(weights=False)
 
     def sample(self, lora, prompts, sc: SamplingConfig, rng):
         return self._sample(lora, prompts, sc, rng)

@@ -130,10 +130,12 @@ class Sampler:
             lora = jax.device_put(lora, NamedSharding(mesh, PartitionSpec()))
         return placed, lora
 
-    def release(self) -> None:
-        """Drop the decode-layout copy of the weights and the KV pools (e.g. before a training phase
-        that needs the memory); the next call recreates them."""
-        self._placed = None
+    def release(self, weights: bool = True) -> None:
+        """Free the KV pools (sized from the free memory of the moment) and, with `weights`, the
+        decode-layout copy of the base weights; the next call recreates them. jsdr.train frees the
+        pools after every rollout phase, so the train step gets its memory back."""
+        if weights:
+            self._placed = None
         for e in self._engines.values():
             e._pools = None
 
