@@ -457,8 +457,8 @@ class Trainer:
         try:
             with sharding.use_mesh(self.mesh, self.rules):
                 return self._sampler.generate(self.params, lora, prompts, sc, rng=rng)
-        finally:  # the KV pools go back before the train step; the decode copy of the base weights stays
-            self._sampler.release(weights=False)
+        finally:  # the KV pools and the decode copy of the weights go back before the train step
+            self._sampler.release()
 
     def sample(self, lora, prompts, sc: SamplingConfig, rng):
         return self._sample(lora, prompts, sc, rng)

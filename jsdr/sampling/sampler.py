@@ -132,8 +132,9 @@ class Sampler:
 
     def release(self, weights: bool = True) -> None:
         """Free the KV pools (sized from the free memory of the moment) and, with `weights`, the
-        decode-layout copy of the base weights; the next call recreates them. jsdr.train frees the
-        pools after every rollout phase, so the train step gets its memory back."""
+        decode-layout copy of the base weights; the next call recreates them. jsdr.train frees both
+        after every rollout phase, so the train step gets its memory back (resharding the weights
+        again costs one all-gather per rollout phase, not one per token)."""
         if weights:
             self._placed = None
         for e in self._engines.values():
