@@ -2,15 +2,18 @@
 
     python -m jsdr.plan --config configs/paper/grpo-qwen3-8b.yaml --devices 8 --target h100-80gb \\
         --layouts "fsdp=8" "data=2,fsdp=4" "fsdp=4,tensor=2" --remat full,dots --json plan.json --plot plan.png
-    python -m jsdr.plan --eval --model qwen3-8b --devices 8 --target a100-80gb
+    python -m jsdr.plan --eval --model qwen3-8b --devices 8 --target a100-80gb --decode-tensor 8
 
 For every layout (mesh shape) x remat policy it lowers and compiles the programs jsdr runs, with the
 shardings jsdr gives them, on abstract inputs (no weights are read or allocated): the method's train
 step (`train.jit_train_step`, at the micro-batch and the longest bucketed lengths the config allows)
 and, for methods that sample, the rollout sampler's prefill and decode programs; with `--eval`, the
-evaluation sampler's. Per program it reports the bytes per device (base weights, LoRA, optimizer
-state, batch from the arguments' shardings; temporaries and outputs from XLA's memory analysis), the
-collectives in the compiled HLO (count and bytes, loops counted by their trip count), FLOPs, and a
+evaluation sampler's. Sampler programs are planned for both engines (`--engines`): the dense one in
+the layout the weights live in, the paged one in its decode layout with the KV pool it would
+allocate on the target (plan_paged). Per program it reports the bytes per device (base weights,
+LoRA, optimizer state, batch, KV pool from the arguments' shardings; temporaries and outputs from
+XLA's memory analysis), the collectives in the compiled HLO (count and bytes, loops counted by their
+trip count; for decode programs also per decode step, weight all-gathers apart), FLOPs, and a
 roofline step-time estimate against the target's peak FLOP/s, HBM and interconnect bandwidth.
 
 Compilers: for a GPU target with the CUDA plugin installed (`pip install "jsdr[plan]"`, the plugin
@@ -197,7 +200,8 @@ _HLO_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "f
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=")
-_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|false_computation)="
+                    r"(?:\{([^}]*)\}|%?([\w.\-]+))")
 _FEEDS_WEIGHT = re.compile(r'op_name="[^"]*(?:dot_general|/gather)')  # a matmul's or a take's operand
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
@@ -417,8 +421,9 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
     """A Row of a compiled program. groups: argument name -> tree of placed ShapeDtypeStructs, or bytes
     per device; the rest of the arguments is "other". weights (decode programs): the shapes of weight
     arrays, to read the collectives of one decode step (Row.step_collectives). resident: bytes per
-    device held outside the program while it runs (counted in the total). unread: argument bytes the
-    roofline does not stream per loop iteration (the paged KV pool: a step reads only its pages)."""
+    device held outside the program while it runs (counted in the total). unread: bytes of a donated
+    argument the roofline does not stream per loop iteration, nor its aliased output (the paged KV
+    pool: a step reads the pages of its rows, which the temporaries hold)."""
     ma = compiled.memory_analysis()
     args = {k: v if isinstance(v, int) else _per_device_bytes(v) for k, v in groups.items()}
     temp, out, alias = int(ma.temp_size_in_bytes), int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes)
@@ -439,10 +444,12 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
     hlo = compiled.as_text()
     comm = collectives(hlo, unknown_trip=loops)
     step = loop_step_collectives(hlo, weights) if weights is not None else {}
-    # HBM: every argument, temporary and output touched once per loop iteration (decode: per token)
-    est, mfu, terms = _roofline(target, flops, (args_total - unread + temp + out) * loops, comm, flops)
+    # HBM: every argument, temporary and output touched once per loop iteration (decode: per token), but
+    # the `unread` argument (donated: its output too)
+    est, mfu, terms = _roofline(target, flops, (args_total + temp + out - 2 * unread) * loops, comm, flops)
     fields = {k: v for k, v in base.items() if k != "devices"}
     fields.setdefault("run_mesh", dict(base["mesh"]))
+    fields["notes"] = list(fields.get("notes", ()))  # a row's own list
     return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes, terms=terms,
                flops=flops, collectives=comm, est_step_s=est, est_mfu=mfu, flops_source=source,
                model_flops=model_flops, step_collectives=step, **fields)
@@ -530,17 +537,11 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
             if "paged" in engines:
                 # the training state stays on the devices while the rollouts are sampled
                 held = _per_device_bytes((params, state.lora, state.opt_state, state.ema))
+                # (jsdr.train frees the pools and the decode copy of the weights after every rollout phase)
                 for t in (0, *decode_tensors):
-                    paged = plan_paged(sampler, params, lora, prompts, plen,
-                                       dataclasses.replace(sc, decode_tensor=t) if t else sc, target, base,
-                                       "rollout", mcfg, resident=held, weights=weights)
-                    rows.extend(paged)
-                    if not t:  # the sampler keeps its copy of the weights between rollouts
-                        copy = paged[-1].bytes_per_device["params"]
-                        row.notes.append(
-                            f"the paged sampler keeps its decode-layout weights ({copy / GIB:.1f} GiB/device) "
-                            f"across train steps: train_step {(row.bytes_per_device['total'] + copy) / GIB:.1f} "
-                            f"GiB/device with them (Sampler.release() frees them)")
+                    rows.extend(plan_paged(sampler, params, lora, prompts, plen,
+                                           dataclasses.replace(sc, decode_tensor=t) if t else sc, target, base,
+                                           "rollout", mcfg, resident=held, weights=weights))
     return rows
 
 
@@ -662,34 +663,46 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
     placed = [jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w), tree, where)
               for tree, where in zip((params, lora), progs["decode"].input_shardings[0][:2]) if tree is not None]
     weights = (weights or set()) | weight_shapes(placed)  # as the decode layout lays them out too
+    copy = _sharded_bytes(params, progs["decode"].input_shardings[0][0])  # the weights in the decode layout
     for name in ("prefill", "decode"):
         prog = progs[name]
         sh = prog.input_shardings[0]
         groups = {"params": _sharded_bytes(params, sh[0]), "kv_pool": pages * bpp}
         if lora is not None:
             groups["lora"] = _sharded_bytes(lora, sh[1])
+        unused = max(copy - groups["params"], 0)  # weights a program does not take (prefill: the lm head)
         if name == "decode":
             new = sequences * sc.max_new_tokens
             r = _analyse(f"{prefix}_decode", prog, groups, target, fields, 2 * mcfg.num_params() * new,
-                         loops=sc.max_new_tokens * waves, weights=weights, resident=resident, unread=pages * bpp)
+                         loops=sc.max_new_tokens * waves, weights=weights, resident=resident + unused,
+                         unread=pages * bpp)
         else:
             r = _analyse(f"{prefix}_prefill", prog, groups, target, fields,
-                         2 * mcfg.num_params() * num_prompts * prompt_len, resident=resident)
+                         2 * mcfg.num_params() * num_prompts * prompt_len, resident=resident + unused)
         r.compile_s = dt
         extra = (engine_pool["pages"] - pages) * bpp
+        growth = r.bytes_per_device["temp"] - int(probe[name].memory_analysis().temp_size_in_bytes)
         r.paged = dict(facts, pct_hbm=r.bytes_per_device["total"] / hbm, decode_mesh_text=mesh_text,
-                       engine_rule_total=r.bytes_per_device["total"] + extra)
+                       engine_rule_total=r.bytes_per_device["total"] + extra, temp_growth=growth)
+        if growth > 0.1 * pages * bpp:
+            r.notes.append(f"paged {name}: the temporaries grew with the pool ({growth / GIB:.2f} GiB more with "
+                           f"{pages * bpp / GIB:.2f} GiB of pool than with 2 pages)"
+                           + (": the CPU compiler copies the pool, the GPU compiler updates it in place"
+                              if base["compiler"] == "cpu" else ""))
         rows.append(r)
     return rows
 
 
 def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, compiler: str, *,
               num_prompts: int = 8, prompt_len: int = 512, dtype: str = "bfloat16", sc=None,
-              engines: Sequence[str] = ("dense", "paged"), decode_tensors: Sequence[int] = ()) -> list[Row]:
+              engines: Sequence[str] = ("dense", "paged"), decode_tensors: Sequence[int] = (),
+              paged_prompts: int | None = None) -> list[Row]:
     """The evaluation sampler's prefill and decode programs (table 5 defaults: 16 samples x 38,912
-    new tokens, 8 prompts per call), the weights loaded in `mesh_sizes` (jsdr.eval's mesh): the dense
-    engine's in that layout, the paged engine's in its decode layout (auto, and once per size in
-    `decode_tensors`), the loaded weights staying resident beside its copy of them."""
+    new tokens), the weights loaded in `mesh_sizes` (jsdr.eval's mesh): the dense engine's in that
+    layout for calls of `num_prompts` prompts (jsdr.eval's dense calls take 8), the paged engine's in
+    its decode layout (auto, and once per size in `decode_tensors`) for one call of `paged_prompts`
+    (default num_prompts; jsdr.eval puts every problem in one paged call), every prompt `prompt_len`
+    tokens long, with the loaded weights resident beside the engine's copy of them."""
     sc = sc or evaluation.TABLE5
     mesh_cfg = sharding.MeshConfig(**mesh_sizes)
     mesh, rules = sharding.make_mesh(mesh_cfg, devices), sharding.effective_rules(mesh_cfg)
@@ -714,7 +727,7 @@ def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, 
                 rows.append(r)
         if "paged" in engines:
             for t in (0, *decode_tensors):
-                rows.extend(plan_paged(sampler, params, None, num_prompts, prompt_len,
+                rows.extend(plan_paged(sampler, params, None, paged_prompts or num_prompts, prompt_len,
                                        dataclasses.replace(sc, decode_tensor=t) if t else sc, target, base, "eval",
                                        mcfg, resident=_per_device_bytes(params), weights=weights))
     return rows
@@ -746,8 +759,8 @@ def _layout_text(mesh: dict) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'layout':<22} {'engine':<6} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} "
-            f"{'batch':>6} {'held':>6} {'kvpool':>7} {'temp':>7} {'total':>7} {'HBM':>5} {'%HBM':>5} {'fits':<4} {'coll GiB':>8} "
-            f"{'est s':>8} {'MFU<=':>5}")
+            f"{'batch':>6} {'held':>6} {'kvpool':>7} {'temp':>7} {'total':>7} {'HBM':>5} {'%HBM':>5} {'fits':<4} "
+            f"{'coll GiB':>8} {'est s':>8} {'MFU<=':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r.bytes_per_device
@@ -798,8 +811,9 @@ def plot(rows: Sequence[Row], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlanError("--plot needs matplotlib (pip install matplotlib)") from None
-    parts = ("params", "lora", "opt_state", "batch", "other", "temp", "output")
-    labels = [f"{','.join(f'{k}={v}' for k, v in r.mesh.items() if v > 1)} {r.remat} {r.program}" for r in rows]
+    parts = ("params", "lora", "opt_state", "batch", "resident", "kv_pool", "other", "temp", "output")
+    labels = [f"{_layout_text(r.mesh)}{'>' + _layout_text(r.run_mesh) if r.layout == 'decode' else ''} "
+              f"{r.remat} {r.engine + ' ' if r.engine else ''}{r.program}" for r in rows]
     fig, ax = plt.subplots(figsize=(min(16, max(6, 0.55 * len(rows))), 5.5))
     bottom = [0.0] * len(rows)
     for part in parts:
@@ -837,7 +851,11 @@ def _args(argv: Sequence[str]):
     ap.add_argument("--json", help="write one JSON object per layout x program to this file")
     ap.add_argument("--plot", help="write a PNG of memory per device by layout")
     ap.add_argument("--prompt-len", type=int, default=512, help="--eval: prompt tokens (default 512)")
-    ap.add_argument("--prompts", type=int, default=8, help="--eval: prompts per sampler call (default 8)")
+    ap.add_argument("--prompts", type=int, default=8,
+                    help="--eval: prompts per dense sampler call (default 8, as jsdr.eval's dense calls)")
+    ap.add_argument("--paged-prompts", type=int, default=140,
+                    help="--eval: prompts of the paged engine's call (default 140: jsdr.eval puts every problem "
+                         "in one call, and its default benchmarks have 30 + 30 + 30 + 50)")
     ap.add_argument("--engines", default="dense,paged",
                     help="sampler engines to plan: dense (in the training layout), paged (in its decode layout); "
                          "default both")
@@ -883,7 +901,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        plot(rows, args.plot)
+        try:
+            plot(rows, args.plot)
+        except PlanError as e:
+            print(f"jsdr.plan: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.plot}")
     return 0
 
@@ -908,7 +930,8 @@ def run_plan(args, rest: Sequence[str]) -> list[Row]:
         name = args.model or "qwen3-8b"
         return [r for lay in (layouts or [{"data": 1, "fsdp": args.devices, "tensor": 1}])
                 for r in plan_eval(name, lay, target, devices, compiler, num_prompts=args.prompts,
-                                   prompt_len=args.prompt_len, engines=engines, decode_tensors=args.decode_tensor)]
+                                   prompt_len=args.prompt_len, engines=engines, decode_tensors=args.decode_tensor,
+                                   paged_prompts=args.paged_prompts)]
     cfg, _ = train.build_config((["--config", args.config] if args.config else []) + list(rest))
     name = args.model or cfg.model.path
     if not layouts:

@@ -1,5 +1,6 @@
 """Plan every config in configs/paper/ with `python -m jsdr.plan` (its own layout) and print one
-markdown table: does it fit, GiB per device of each program, estimated step time, planner wall time.
+markdown table: does it fit, GiB per device of each program (the rollout's under both sampler
+engines), estimated step time, planner wall time.
 
     python scripts/plan_paper.py --target a100-80gb --devices 8 --out plans/     # runs the planner
     python scripts/plan_paper.py --out plans/ --table-only                       # formats earlier runs
@@ -31,21 +32,27 @@ def run(config: Path, out: Path, target: str, devices: int) -> float:
 
 
 def table(out: Path, walls: dict[str, float]) -> str:
-    lines = ["| config | layout | attention | compiler | train step GiB | rollout decode GiB | fits (>=10% headroom) "
-             "| est. step s | planner wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    """One line per config. Sampling methods: the rollout is sampled by the paged engine (the default
+    `rollout.engine`) in its decode layout, whose rows decide "fits" and the estimate; the dense
+    engine's decode in the training layout is shown beside it."""
+    lines = ["| config | layout | attention | compiler | train step GiB | rollout decode GiB dense / paged "
+             "| fits (>=10% headroom) | est. step s | planner wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(p for p in out.glob("*.json") if p.name != "walls.json"):
-        rows = {r["program"]: r for r in json.loads(path.read_text())}
-        step = rows["train_step"]
-        decode = rows.get("rollout_decode")
+        rows: dict[tuple, dict] = {}
+        for r in json.loads(path.read_text()):  # the first of each: the automatic decode layout
+            rows.setdefault((r.get("engine", ""), r["program"]), r)
+        step = rows[("", "train_step")]
+        dense, paged = rows.get(("dense", "rollout_decode")), rows.get(("paged", "rollout_decode"))
+        used = [r for (engine, _), r in rows.items() if engine == ("paged" if paged else "dense")]
         hbm = step["hbm_bytes"]
-        totals = [r["bytes_per_device"]["total"] for r in rows.values()]
+        totals = [step["bytes_per_device"]["total"]] + [r["bytes_per_device"]["total"] for r in used]
         fits = all(t <= 0.9 * hbm for t in totals)
         layout = ",".join(f"{k}={v}" for k, v in step["mesh"].items() if v > 1)
-        est = sum(r["est_step_s"] for r in rows.values())
+        est = step["est_step_s"] + sum(r["est_step_s"] for r in used)
         wall = "" if walls.get(path.stem) is None else f"{walls[path.stem]:.0f}"
-        dec = "" if decode is None else f"{decode['bytes_per_device']['total'] / GIB:.1f}"
+        dec = " / ".join("" if r is None else f"{r['bytes_per_device']['total'] / GIB:.1f}" for r in (dense, paged))
         lines.append(f"| {path.stem} | {layout} | {step['attn_impl']} | {step['compiler']} | "
-                     f"{step['bytes_per_device']['total'] / GIB:.1f} | {dec} | "
+                     f"{step['bytes_per_device']['total'] / GIB:.1f} | {dec if dense or paged else ''} | "
                      f"{'yes' if fits else 'NO'} ({max(totals) / hbm:.0%} of HBM) | {est:.1f} | {wall} |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jsdr import plan, sharding
 from jsdr import train as TR
 from jsdr.model.params import ModelConfig
+from jsdr.sampling.config import SamplingConfig
 from tests.test_train import _cfg
 
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -45,8 +46,14 @@ def test_planner_bytes_equal_what_the_trainer_places(opsd_plan):
     assert b["lora"] == pytest.approx(_device_bytes(tr.state.lora, d0), rel=0.01)
     assert b["opt_state"] == pytest.approx(_device_bytes((tr.state.opt_state, tr.state.ema), d0), rel=0.01)
     assert b["total"] >= b["params"] + b["lora"] + b["opt_state"] + b["temp"]
-    # the rollout programs of a sampling method are planned too
-    assert [r.program for r in rows] == ["train_step", "rollout_prefill", "rollout_decode"]
+    # the rollout programs of a sampling method are planned too: the dense engine's in the training
+    # layout, the paged engine's in its decode layout with the training state held beside them
+    assert [(r.engine, r.layout, r.program) for r in rows] == [
+        ("", "train", "train_step"), ("dense", "train", "rollout_prefill"), ("dense", "train", "rollout_decode"),
+        ("paged", "decode", "rollout_prefill"), ("paged", "decode", "rollout_decode")]
+    paged = rows[-1]
+    assert paged.run_mesh == {"data": 8, "fsdp": 1, "tensor": 1} and paged.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert paged.bytes_per_device["resident"] == b["params"] + b["lora"] + b["opt_state"]
 
 
 def test_planner_and_trainer_build_the_same_state_shardings(opsd_plan, monkeypatch):
@@ -108,8 +115,22 @@ def test_gpu_compiler_on_compile_only_devices(toy_tiny_assets, tmp_path):
     cfg = _cfg(toy_tiny_assets, "grpo", tmp_path, mesh={"num_devices": None}, model={"attn_impl": "auto"})
     rows = plan.plan_train(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, "full", plan.TARGETS["h100-80gb"], devices,
                            compiler, str(toy_tiny_assets / "model"))
-    assert [r.program for r in rows] == ["train_step", "rollout_prefill", "rollout_decode"]
+    assert [(r.engine, r.program) for r in rows] == [("", "train_step"), ("dense", "rollout_prefill"),
+                                                     ("dense", "rollout_decode"), ("paged", "rollout_prefill"),
+                                                     ("paged", "rollout_decode")]
     assert rows[0].attn_impl == "pallas" and all(r.compiler == "gpu" and r.fits for r in rows)
+    # a decode step gathers the weights under the training layout, never under the decode layout
+    assert rows[2].step_collectives["weight_all_gather"]["count"] > 0
+    assert "weight_all_gather" not in rows[4].step_collectives and rows[4].run_mesh["fsdp"] == 1
+    assert rows[4].bytes_per_device["total"] <= 0.9 * rows[4].hbm_bytes
+    # the eval pool sized by a budget that binds: in place on the GPU, the programs keep the 10% headroom
+    target = dataclasses.replace(plan.TARGETS["h100-80gb"], hbm_bytes=8 << 20)
+    sc = SamplingConfig(n=128, max_new_tokens=400, temperature=1.0, top_p=0.95, max_slots=8)
+    paged = plan.plan_eval(str(toy_tiny_assets / "model"), {"data": 1, "fsdp": 8, "tensor": 1}, target, devices,
+                           compiler, num_prompts=4, prompt_len=32, sc=sc, engines=("paged",))
+    assert 2 < paged[1].paged["pool_pages"] < paged[1].paged["demand_pages"]
+    assert all(r.bytes_per_device["total"] <= 0.9 * target.hbm_bytes for r in paged)
+    assert all(r.paged["temp_growth"] < 0.1 * r.paged["pool_bytes"] and not r.notes for r in paged)
 
 
 def test_cli_errors_are_clear(capsys):
@@ -152,3 +173,92 @@ def test_every_layout_trains_the_configs_global_batch(toy_tiny_assets, tmp_path)
     odd = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, per_device_batch=1, grad_accum=3))
     with pytest.raises(plan.PlanError, match="cannot train the config's 24 sequences"):
         plan.same_global_batch(odd, 16, 8)
+
+
+def test_eval_plan_reports_the_dense_and_the_paged_engine(toy_tiny_assets):
+    """`--eval`: the dense engine in the eval's layout (fsdp=8) all-gathers weights at every decode step;
+    the paged engine in its decode layout (data=8) gathers none, and its KV pool is sized like the
+    engine sizes it (kv_cache_fraction of what the programs leave free, here below the call's demand)
+    and fits with the 10% headroom the planner promises."""
+    devices, compiler = plan.compile_devices(None, 8)
+    sc = SamplingConfig(n=128, max_new_tokens=400, temperature=1.0, top_p=0.95, max_slots=8)
+    target = dataclasses.replace(plan.TARGETS["a100-80gb"], hbm_bytes=8 << 20)  # 8 MiB: the budget binds
+    rows = plan.plan_eval(str(toy_tiny_assets / "model"), {"data": 1, "fsdp": 8, "tensor": 1}, target, devices,
+                          compiler, num_prompts=4, prompt_len=32, sc=sc)
+    assert [(r.engine, r.layout, r.program) for r in rows] == [
+        ("dense", "train", "eval_prefill"), ("dense", "train", "eval_decode"),
+        ("paged", "decode", "eval_prefill"), ("paged", "decode", "eval_decode")]
+    dense, paged = rows[1], rows[3]
+    assert dense.step_collectives["weight_all_gather"]["count"] >= 7  # every projection of a layer, every step
+    assert "weight_all_gather" not in paged.step_collectives
+    assert paged.run_mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    p, b = paged.paged, paged.bytes_per_device
+    assert p["decode_tensor"] == 1 and p["slots"] == 8 and p["shards"] == 8
+    # sized by the budget (not the call's demand): 0.8 x what the programs leave free, measured on a
+    # 2-page pool; the resident weights are those jsdr.eval loaded, beside the decode-layout copy
+    assert p["pool_pages"] == int(0.8 * (target.hbm_bytes - p["besides_pool"])) // p["bytes_per_page"]
+    assert 2 < p["pool_pages"] < p["demand_pages"]
+    assert b["kv_pool"] == p["pool_bytes"] == p["pool_pages"] * p["bytes_per_page"]
+    assert b["other"] < p["bytes_per_page"]  # the compiled pool is the pool the rows count
+    assert b["resident"] == rows[0].bytes_per_device["params"]
+    # what the CPU compiler adds with the pool (it copies it; the GPU compiler does not, see the GPU test)
+    assert b["total"] <= 0.9 * target.hbm_bytes + max(r.paged["temp_growth"] for r in rows[2:])
+    assert p["tokens_per_shard"] == (p["pool_pages"] - 1) * sc.page_size
+    assert p["sequences_at_full_length"] == 8 * ((p["pool_pages"] - 1) // -(-(32 + 400) // sc.page_size))
+    assert p["sequences"] == 512 and p["waves"] == -(-512 // min(p["sequences_at_full_length"], 8))
+    text = plan.format_decode(rows)
+    assert "fsdp=8>data=8" in text and "eval_decode" in text
+
+
+def test_pool_sizing_is_the_engines_arithmetic():
+    """plan.paged_pool_pages gives the pages scheduler.PagedEngine.plan_pool allocates: an explicit
+    kv_cache_gb, and the automatic budget capped at the call's (bucketed) demand."""
+    from jsdr.model.transformer import Model
+    from jsdr.sampling.paged import Programs
+    from jsdr.sampling.scheduler import PagedEngine
+
+    mcfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                       num_kv_heads=1, head_dim=8)
+    engine = PagedEngine(Programs(Model(mcfg)), context_len=4096)
+    for sc in (SamplingConfig(n=4, max_new_tokens=300, kv_cache_gb=0.0001), SamplingConfig(n=4, max_new_tokens=300)):
+        shape = engine.plan_pool(sc, [40] * 3, [300] * 3, sc.n, jnp.float32)
+        got = plan.paged_pool_pages(sc, 3, 40, 1, shape.bytes_per_page(), 1 << 40)
+        assert got["pages"] == shape.pages, sc
+
+
+_LOOP_HLO = """HloModule m
+
+%body (p: (s32[], bf16[8,64])) -> (s32[], bf16[8,64]) {
+  %p = (s32[], bf16[8,64]{1,0}) parameter(0)
+  %ag = ((bf16[8,64]{1,0}, bf16[8,32]{1,0}), (bf16[64,64]{1,0}, bf16[64,32]{1,0})) all-gather-start(%a, %b), \
+dimensions={0}, metadata={op_name="jit(f)/while/body/q_proj/dot_general"}
+  %logits = f32[32,300]{1,0} all-gather(%x), dimensions={0}, metadata={op_name="jit(f)/while/body/top_k"}
+  ROOT %t = (s32[], bf16[8,64]{1,0}) tuple(%i, %h)
+}
+
+%cond (p: (s32[], bf16[8,64])) -> pred[] {
+  %p = (s32[], bf16[8,64]{1,0}) parameter(0)
+  ROOT %done = pred[] all-reduce-start(%q), to_apply=%add
+}
+
+ENTRY %main (a: bf16[8,64]) -> bf16[8,64] {
+  %w = (s32[], bf16[8,64]{1,0}) while(%t0), condition=%cond, body=%body
+  ROOT %r = f32[16]{0} all-reduce(%y), to_apply=%add
+}
+"""
+
+
+def test_decode_step_collectives_and_weight_gathers():
+    """A combined async all-gather counts all its gathered arrays; the collectives of one iteration of a
+    loop with a run-time trip count exclude what runs once; weight gathers are told from activations."""
+    weights = {("bf16", (64, 64)), ("bf16", (64, 32))}
+    assert plan.collectives(_LOOP_HLO, unknown_trip=10) == {
+        "all-gather": {"count": 20, "bytes": 10 * ((64 * 64 + 64 * 32) * 2 + 32 * 300 * 4)},
+        "all-reduce": {"count": 11, "bytes": 10 * 1 + 16 * 4}}
+    step = plan.loop_step_collectives(_LOOP_HLO, weights)
+    assert step["weight_all_gather"] == {"count": 1, "bytes": (64 * 64 + 64 * 32) * 2}
+    assert step["all-gather"]["count"] == 2 and step["all-reduce"] == {"count": 1, "bytes": 1}
+    params = {"layers": {"q": jax.ShapeDtypeStruct((2, 64, 32), jnp.bfloat16)},
+              "norm": jax.ShapeDtypeStruct((64,), jnp.bfloat16)}
+    assert ("bf16", (64, 32)) in plan.weight_shapes([params]) and ("bf16", (32, 64)) in plan.weight_shapes([params])
+    assert not any(dims == (64,) for _, dims in plan.weight_shapes([params]))
