@@ -53,7 +53,7 @@ class SamplingConfig:
     page_size: int = field(16, "paged engine: tokens per KV page")
     kv_cache_gb: float = field(0.0, "paged engine: KV pool per device in GiB (0 = kv_cache_fraction of the free "
                                     "device memory; on CPU, what the call needs up to 4 GiB)")
-    kv_cache_fraction: float = field(0.8, "paged engine: share of free device memory for the KV pool when "
+    kv_cache_fraction: float = field(0.75, "paged engine: share of free device memory for the KV pool when "
                                           "kv_cache_gb is 0")
     max_slots: int = field(256, "paged engine: sequences decoded at once (all devices together)")
     decode_steps: int = field(32, "paged engine: decode steps between two scheduler turns")
