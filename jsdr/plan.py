@@ -261,6 +261,7 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
     if entry is None:
         return {}
     weight[entry] = 1
+    inside = {name: False for name in comps}  # within a run-time-bounded loop already
     order = [entry]
     for name in order:  # callers before callees (HLO call graphs are acyclic)
         for line in comps.get(name, ()):
@@ -270,7 +271,12 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
                     if callee in weight:
                         n = 1
                         if " while(" in line and m.group(0).startswith(("body=", "condition=")):
-                            n = int(trip.group(1)) if trip else unknown_trip
+                            if trip:
+                                n = int(trip.group(1))
+                            elif not inside[name]:  # the outer run-time loop (decode: its token budget)
+                                n, inside[callee] = unknown_trip, True
+                            # a run-time loop inside it (the sampler's threshold search) counts once
+                        inside[callee] = inside[callee] or inside[name]
                         weight[callee] += weight[name] * n
                         if callee not in order:
                             order.append(callee)
@@ -297,7 +303,8 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
 def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
     """{kind: {"count", "bytes"}} of the collectives of a compiled (per-device) HLO module, those in a
     while loop counted once per iteration: XLA's known trip count, or `unknown_trip` for a loop whose
-    count is decided at run time (the decode loop: its token budget). Both branches of a conditional
+    count is decided at run time (the decode loop: its token budget; a run-time loop nested in one,
+    such as the sampler's threshold search, counts once per outer iteration). Both branches of a conditional
     are counted (an upper bound). Bytes are the result sizes per device (an all-gather's gathered
     output, an all-reduce's buffer; all of them for a combined op)."""
     return {k: v for k, v in _tally(hlo, unknown_trip).items() if k != "weight_all_gather"}

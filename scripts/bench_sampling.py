@@ -1,16 +1,21 @@
 """Sampling throughput: jsdr's jitted sampler vs transformers `generate`, same model, same work.
 
     python scripts/bench_sampling.py [--hidden 256 --layers 4 --vocab 32000 --batch 8 --prompt 64
-                                      --new 128 --top-p 0.95 --temperature 1.0 --repeats 5]
+                                      --new 128 --top-p 0.95 --temperature 1.0 --repeats 5
+                                      --engines paged dense]
 
-A random Qwen3 model is built with transformers, saved, and loaded into jsdr. Both sides generate
+A random Qwen3 model is built with transformers, saved, and loaded into jsdr. Every side generates
 `--new` tokens for `--batch` prompts of `--prompt` tokens with top-p sampling (transformers with
 top_k=0 so only top-p filters, no EOS so every row runs to the end; `--temperature 0` is greedy on
-both sides). Each side is warmed up, then timed over `--repeats` runs, one side after the other.
-Reported: median tokens/s, jsdr's compile time (first call minus a warm call), the ratio of the
-medians and the ratio of the fastest runs, and the peak memory beyond the weights (jsdr: XLA's
-memory analysis of its prefill and decode programs; transformers: growth of the process's peak
-resident set over its first generate call).
+all sides). jsdr runs each of `--engines` (default both: "paged", the default engine -- paged KV
+cache, continuous batching -- and "dense", the reference) with the same Sampler. Each side is
+warmed up, then timed over `--repeats` runs; the jsdr engines take turns call by call (the order
+alternating), transformers runs after them. Reported: median tokens/s, jsdr's compile time (first
+call minus a warm call), the ratio of each jsdr engine to transformers (of the medians and of the
+fastest runs), and the peak memory beyond the weights (jsdr dense: XLA's memory analysis of its
+prefill and decode programs; jsdr paged: its KV pool plus the temp of its decode program, from
+XLA's memory analysis; transformers: growth of the process's peak resident set over its first
+generate call).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--logit-scale", type=float, default=1.0,
                     help="multiply the lm_head weights (>1 makes the distribution peakier)")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    ap.add_argument("--engines", nargs="+", default=["paged", "dense"], choices=["paged", "dense"],
+                    help="jsdr engines to time")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
 
@@ -88,16 +95,20 @@ def main(argv=None):
     # ---- jsdr
     sampler = Sampler(Model(cfg), pad_id=0, prompt_buckets=(args.prompt,))
 
-    def make_sc(seed):
+    def make_sc(seed, engine):
         return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.new, seed=seed)
+                              max_new_tokens=args.new, seed=seed, engine=engine)
 
-    def run_jsdr(seed):
-        sc = make_sc(seed)
+    paged_stats = {}
+
+    def run_jsdr(seed, engine):
+        sc = make_sc(seed, engine)
         t0 = time.perf_counter()
         out = sampler.generate(params, None, list(prompts), sc)
         dt = time.perf_counter() - t0
         assert out.lengths.min() == args.new, out.lengths
+        if engine == "paged":
+            paged_stats.update(sampler.last_stats)
         return dt
 
     # ---- transformers
@@ -120,17 +131,34 @@ def main(argv=None):
         assert out.shape[1] == args.prompt + args.new, out.shape
         return dt
 
-    # ---- timing: one side after the other, each warmed up first. (Alternating the two in one process
-    # slowed both by 10-100%: each framework's thread pool spin-waits after its work and takes the
-    # cores from the other on a 2-core machine.)
-    first = run_jsdr(0)
-    compile_s = first - run_jsdr(0)
-    jsdr_times = [run_jsdr(i + 1) for i in range(args.repeats)]
-    # memory beyond the weights: jsdr's from XLA's analysis of its two programs (buffers the
-    # programs allocate: KV cache, logits, loop state); transformers' as the growth of the process's
+    # ---- timing: jsdr first (its engines call by call, the order alternating), then transformers,
+    # each warmed up first. (Alternating jsdr and transformers in one process slowed both by 10-100%:
+    # each framework's thread pool spin-waits after its work and takes the cores from the other on a
+    # 2-core machine.)
+    engines = list(dict.fromkeys(args.engines))
+    first, compile_s = {}, {}
+    for e in engines:
+        first[e] = run_jsdr(0, e)
+        compile_s[e] = first[e] - run_jsdr(0, e)
+    jsdr_times = {e: [] for e in engines}
+    for i in range(args.repeats):
+        for e in (engines if i % 2 == 0 else engines[::-1]):
+            jsdr_times[e].append(run_jsdr(i + 1, e))
+    # memory beyond the weights: jsdr's from XLA's analysis of its programs (buffers the programs
+    # allocate: KV cache or pool, logits, loop state); transformers' as the growth of the process's
     # peak resident set over its first generate call (the same measure as scripts/bench_forward.py)
-    ma = sampler.memory_analysis(params, None, args.batch, args.prompt, make_sc(0))
-    mem = {"jsdr": max(m["temp"] + m["output"] for m in ma.values())}
+    mem, mem_note = {}, {}
+    if "dense" in engines:
+        ma = sampler.memory_analysis(params, None, args.batch, args.prompt, make_sc(0, "dense"))
+        mem["jsdr dense"] = max(m["temp"] + m["output"] for m in ma.values())
+    if "paged" in engines:
+        pool = paged_stats["pool_bytes_per_device"]
+        dec = sampler.compile_paged(params, None, args.batch, args.prompt, make_sc(0, "paged"),
+                                    pool_pages=paged_stats["pages_per_shard"])["decode"].memory_analysis()
+        mem["jsdr paged"] = pool + dec.temp_size_in_bytes
+        mem_note["jsdr paged"] = (f" (KV pool {pool / 2 ** 20:.1f} + decode temp "
+                                  f"{dec.temp_size_in_bytes / 2 ** 20:.1f}; {paged_stats['slots']} slots, "
+                                  f"{paged_stats['segments']} segments)")
     hf_times = []
     if not args.skip_hf:
         base = peak_reset()
@@ -144,16 +172,20 @@ def main(argv=None):
               f"{', '.join(f'{t * 1e3:.0f}' for t in times)} ms)")
         return med
 
-    jsdr_med = report("jsdr:", jsdr_times)
-    print(f"              first call {first:.2f} s, compile ~{compile_s:.2f} s; programs compiled: "
-          f"{sampler.num_compiles}")
-    print("peak memory beyond the weights: " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in mem.items())
+    meds = {}
+    for e in engines:
+        meds[e] = report(f"jsdr {e}:", jsdr_times[e])
+        print(f"              first call {first[e]:.2f} s, compile ~{compile_s[e]:.2f} s")
+    print(f"              programs compiled: {sampler.num_compiles}")
+    print("peak memory beyond the weights: "
+          + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB{mem_note.get(k, '')}" for k, v in mem.items())
           + " (jsdr: XLA memory analysis; transformers: peak-RSS growth of its first call)")
     if args.skip_hf:
         return
     hf_med = report("transformers:", hf_times)
-    print(f"ratio jsdr / transformers: {hf_med / jsdr_med:.2f}x (medians); "
-          f"{min(hf_times) / min(jsdr_times):.2f}x (fastest runs)")
+    for e in engines:
+        print(f"ratio jsdr {e} / transformers: {hf_med / meds[e]:.2f}x (medians); "
+              f"{min(hf_times) / min(jsdr_times[e]):.2f}x (fastest runs)")
 
 
 if __name__ == "__main__":

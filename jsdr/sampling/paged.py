@@ -179,7 +179,7 @@ class Programs:
             cache = PagedKV(k_pool, v_pool, page_table, active[:, None])
             h, cache = self.model.hidden(params, lora, tokens=sl.last_token[:, None], positions=sl.pos[:, None],
                                          segment_ids=active[:, None].astype(jnp.int32), cache=cache)
-            logits = constrain(self.model.logits(params, h[:, 0]), ("act_batch", None))
+            logits = constrain(self.model.logits(params, h[:, 0]), ("act_batch", "act_vocab"))
             u = jax.vmap(lambda k, s: jax.random.uniform(jax.random.fold_in(k, s), (), jnp.float32))(row_keys,
                                                                                                    sl.step)
             tok, lp, raw = sample_logits(logits, u, temperature=knobs.temperature, top_k=knobs.top_k,
