@@ -200,8 +200,10 @@ _HLO_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "f
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?[\w.\-]+\s*=")
-_CALLS = re.compile(r"\b(?:body|condition|calls|to_apply|branch_computations|true_computation|false_computation)="
-                    r"(?:\{([^}]*)\}|%?([\w.\-]+))")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|false_computation"
+                    r"|called_computations|select|scatter)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # metadata strings (op_name, source_file) name no computation
+_ASYNC_FOLLOW_UP = re.compile(r"\sasync-(?:update|done)\(")  # they name the computation their start runs
 _FEEDS_WEIGHT = re.compile(r'op_name="[^"]*(?:dot_general|/gather)')  # a matmul's or a take's operand
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
@@ -241,6 +243,63 @@ def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
     return _DTYPE_BYTES.get(dtype, 4) * math.prod(dims)
 
 
+def _call_weights(comps: dict[str, list[str]], entry: str, unknown_trip: int) -> dict[str, int]:
+    """How many times each computation runs per call of `entry`: the sum over its call sites of the
+    caller's count x the site's (a while loop's body and condition: XLA's known trip count, else
+    `unknown_trip` for a loop bounded at run time; any other site: 1; an async-update/-done: 0, its
+    async-start runs the computation). Summed in a topological order of the call graph (every caller
+    complete before its callees), so a computation called from several places (a shared reducer,
+    both branches of a conditional, a loop's body and condition) passes its whole count on.
+
+    A run-time-bounded loop inside a run-time-bounded loop (the sampler's threshold search in the
+    decode loop) counts once per outer iteration: each computation keeps two counts, of the runs
+    outside any run-time loop and of those inside one, so the total stays linear in `unknown_trip`
+    (loop_step_collectives takes one iteration as tally(1) - tally(0))."""
+    sites: dict[str, list[tuple[str, int | None]]] = {}  # caller -> [(callee, trip; None: run time)]
+    for name, lines in comps.items():
+        for line in lines:
+            if _ASYNC_FOLLOW_UP.search(line):
+                continue
+            bare = _QUOTED.sub('""', line)
+            is_while = " while(" in bare
+            trip = _TRIP.search(line)
+            for m in _CALLS.finditer(bare):
+                loop = is_while and m.group(1) in ("body", "condition")
+                n = (int(trip.group(1)) if trip else None) if loop else 1
+                for callee in (c.strip().lstrip("%") for c in (m.group(2) or m.group(3)).split(",")):
+                    if callee in comps:
+                        sites.setdefault(name, []).append((callee, n))
+    # the computations reachable from the entry, and how many call sites each has among them
+    reach, stack = {entry}, [entry]
+    while stack:
+        for callee, _ in sites.get(stack.pop(), ()):
+            if callee not in reach:
+                reach.add(callee)
+                stack.append(callee)
+    pending = {name: 0 for name in reach}
+    for name in reach:
+        for callee, _ in sites.get(name, ()):
+            pending[callee] += 1
+    outside = {name: 0 for name in reach}  # runs outside any run-time-bounded loop
+    inside = {name: 0 for name in reach}  # runs within one (linear in unknown_trip)
+    outside[entry] = 1
+    ready = [entry]
+    while ready:  # Kahn: a computation is expanded once all its callers have added their runs
+        name = ready.pop()
+        for callee, n in sites.get(name, ()):
+            if n is None:  # a run-time-bounded loop: the outer one runs unknown_trip times, a nested one once
+                inside[callee] += outside[name] * unknown_trip + inside[name]
+            else:
+                outside[callee] += outside[name] * n
+                inside[callee] += inside[name] * n
+            pending[callee] -= 1
+            if pending[callee] == 0:
+                ready.append(callee)
+    if any(pending.values()):  # HLO call graphs are acyclic
+        raise ValueError(f"HLO call graph has a cycle through {sorted(k for k, v in pending.items() if v)}")
+    return {name: outside[name] + inside[name] for name in reach}
+
+
 def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str, dict[str, int]]:
     """collectives() and, with `weights` (see weight_shapes), under "weight_all_gather" the all-gathers
     of weights: for a matmul or a take (their op_name) with a result of a weight's dtype and shape (an
@@ -257,31 +316,14 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
             continue
         if current is not None:
             comps[current].append(line)
-    weight = {name: 0 for name in comps}
     if entry is None:
         return {}
-    weight[entry] = 1
-    inside = {name: False for name in comps}  # within a run-time-bounded loop already
-    order = [entry]
-    for name in order:  # callers before callees (HLO call graphs are acyclic)
-        for line in comps.get(name, ()):
-            trip = _TRIP.search(line)
-            for m in _CALLS.finditer(line):
-                for callee in (c.strip().lstrip("%") for c in (m.group(1) or m.group(2)).split(",")):
-                    if callee in weight:
-                        n = 1
-                        if " while(" in line and m.group(0).startswith(("body=", "condition=")):
-                            if trip:
-                                n = int(trip.group(1))
-                            elif not inside[name]:  # the outer run-time loop (decode: its token budget)
-                                n, inside[callee] = unknown_trip, True
-                            # a run-time loop inside it (the sampler's threshold search) counts once
-                        inside[callee] = inside[callee] or inside[name]
-                        weight[callee] += weight[name] * n
-                        if callee not in order:
-                            order.append(callee)
+    weight = _call_weights(comps, entry, unknown_trip)
     out = {k: {"count": 0, "bytes": 0} for k in (*_COLLECTIVES, "weight_all_gather")}
     for name, lines in comps.items():
+        w = weight.get(name, 0)  # 0: not reached from the entry computation
+        if not w:
+            continue
         for line in lines:
             if "=" not in line:
                 continue
@@ -290,12 +332,12 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
                 m = re.search(rf"\s{kind}(-start)?\(", rhs)
                 if m:  # the result shape(s) precede the op name
                     arrays = _results(kind, bool(m.group(1)), rhs.split(f" {kind}", 1)[0])
-                    out[kind]["count"] += weight[name]
-                    out[kind]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in arrays)
+                    out[kind]["count"] += w
+                    out[kind]["bytes"] += w * sum(_array_bytes(*a) for a in arrays)
                     hit = [a for a in arrays if weights and a in weights]
                     if kind == "all-gather" and hit and _FEEDS_WEIGHT.search(line):
-                        out["weight_all_gather"]["count"] += weight[name]
-                        out["weight_all_gather"]["bytes"] += weight[name] * sum(_array_bytes(*a) for a in hit)
+                        out["weight_all_gather"]["count"] += w
+                        out["weight_all_gather"]["bytes"] += w * sum(_array_bytes(*a) for a in hit)
                     break
     return {k: v for k, v in out.items() if v["count"]}
 

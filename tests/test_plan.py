@@ -262,3 +262,92 @@ def test_decode_step_collectives_and_weight_gathers():
               "norm": jax.ShapeDtypeStruct((64,), jnp.bfloat16)}
     assert ("bf16", (64, 32)) in plan.weight_shapes([params]) and ("bf16", (32, 64)) in plan.weight_shapes([params])
     assert not any(dims == (64,) for _, dims in plan.weight_shapes([params]))
+
+
+# A decode program's call graph: `layer` (whose all-reduce sits one call further down, in `inner`) runs
+# once before the decode loop, once in its body and in each of 4 iterations of a known-trip layer loop
+# in it; the sampler's run-time-bounded `search` loop runs in the decode body and in each layer
+# iteration; an async-start runs `send` (its async-done names the same computation).
+_CALL_GRAPH_HLO = """HloModule calls
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%inner (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%p), replica_groups={}, to_apply=%add
+}
+
+%layer (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %c = f32[8]{0} call(%p), to_apply=%inner
+}
+
+%search_body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %g = f32[16]{0} all-gather(%x), dimensions={0}
+  ROOT %t = (s32[], f32[16]{0}) tuple(%i, %g)
+}
+
+%search_cond (p: (s32[], f32[16])) -> pred[] {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%layers_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %l = f32[8]{0} call(%h), to_apply=%layer
+  %s = (s32[], f32[16]{0}) while(%t1), condition=%search_cond, body=%search_body
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %l)
+}
+
+%layers_cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%send (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %cp = f32[4]{0} collective-permute(%p), channel_id=1, source_target_pairs={{0,1},{1,0}}
+}
+
+%decode_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %l = f32[8]{0} call(%h), to_apply=%layer
+  %k = (s32[], f32[8]{0}) while(%t0), condition=%layers_cond, body=%layers_body, \
+backend_config={"known_trip_count":{"n":"4"}}
+  %s = (s32[], f32[16]{0}) while(%t1), condition=%search_cond, body=%search_body
+  %as = ((f32[4]{0}), f32[4]{0}, u32[]) async-start(%y), calls=%send
+  %ad = f32[4]{0} async-done(%as), calls=%send
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %l)
+}
+
+%decode_cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %pre = f32[8]{0} call(%x), to_apply=%layer
+  %w = (s32[], f32[8]{0}) while(%t0), condition=%decode_cond, body=%decode_body
+  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("trip", [0, 1, 7, 38912])
+def test_collective_counts_follow_the_whole_call_graph(trip):
+    """Each computation runs the sum over its call sites of caller runs x site runs, callers complete
+    before callees: `inner` 1 + 5T times (not only the first caller's 1), the nested run-time `search`
+    loop once per outer iteration and per layer iteration (5T), the async computation once per start."""
+    assert plan.collectives(_CALL_GRAPH_HLO, unknown_trip=trip) == {
+        k: v for k, v in {"all-reduce": {"count": 1 + 5 * trip, "bytes": 32 * (1 + 5 * trip)},
+                          "all-gather": {"count": 5 * trip, "bytes": 64 * 5 * trip},
+                          "collective-permute": {"count": trip, "bytes": 16 * trip}}.items() if v["count"]}
+    # so the total is the once-per-call part plus the decode step's collectives x the trip count
+    step = plan.loop_step_collectives(_CALL_GRAPH_HLO, set())
+    assert {k: v["count"] for k, v in step.items()} == {"all-reduce": 5, "all-gather": 5, "collective-permute": 1}
