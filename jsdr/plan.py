@@ -662,7 +662,8 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
     Compiled twice: with a 2-page pool, to read what the programs need besides the pool (arguments
     without it, temporaries and outputs, plus `resident`: the arrays the caller holds meanwhile, e.g.
     the training state); then with the pool sized as the engine sizes it: sc.kv_cache_gb, or
-    sc.kv_cache_fraction of the device memory those leave free, at most the call's demand. The rows
+    sc.kv_cache_fraction of the device memory the weights and `resident` leave free (the programs'
+    temporaries must fit in the rest), at most the call's demand. The rows
     report the second compile's memory analysis, and `Row.paged` the pool: pages and GiB per device,
     the tokens it holds per data shard, and how many sequences at full length (prompt + max_new_tokens,
     every sequence holding its own pages: prompt sharing ignored) it holds at once over the mesh."""
@@ -680,11 +681,10 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
                        if running else 0)
 
     rest = resident + max(besides_pool(probe["prefill"]), besides_pool(probe["decode"]))
-    pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - rest)
-    # the engine itself sizes the pool before running anything: from the memory its arguments leave
-    # free, temporaries not subtracted (kept beside the rows: engine_pool_pages)
+    # the engine sizes the pool before running anything, from the memory the weights and the caller's
+    # arrays leave free (the programs' temporaries come out of the kv_cache_fraction's remainder)
     in_use = resident + max(besides_pool(probe["prefill"], False), besides_pool(probe["decode"], False))
-    engine_pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - in_use)
+    pool = paged_pool_pages(sc, num_prompts, prompt_len, shards, bpp, hbm - in_use)
     pages = max(pool["pages"], 2)
     progs = sampler.compile_paged(params, lora, num_prompts, prompt_len, sc, device_bytes=hbm, pool_pages=pages)
     info = progs["info"]
@@ -699,8 +699,8 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
                  bytes_per_page=bpp, pool_bytes=pages * bpp, tokens_per_shard=(pages - 1) * ps,
                  full_length=prompt_len + sc.max_new_tokens, pages_per_sequence=own,
                  sequences_at_full_length=at_once, sequences=sequences, waves=waves, besides_pool=rest,
-                 budget=pool["budget"], demand_pages=pool["demand"], kv_cache_fraction=sc.kv_cache_fraction,
-                 kv_cache_gb=sc.kv_cache_gb, engine_pool_pages=engine_pool["pages"])
+                 besides_pool_args=in_use, budget=pool["budget"], demand_pages=pool["demand"],
+                 kv_cache_fraction=sc.kv_cache_fraction, kv_cache_gb=sc.kv_cache_gb)
     notes = []
     if pool["pages"] < pool["one"]:
         notes.append(f"paged: the KV budget ({pool['budget'] / GIB:.2f} GiB/device) holds {pool['pages']} pages, "
@@ -729,10 +729,9 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
             r = _analyse(f"{prefix}_prefill", prog, groups, target, fields,
                          2 * mcfg.num_params() * num_prompts * prompt_len, resident=resident + unused)
         r.compile_s = dt
-        extra = (engine_pool["pages"] - pages) * bpp
         growth = r.bytes_per_device["temp"] - int(probe[name].memory_analysis().temp_size_in_bytes)
         r.paged = dict(facts, pct_hbm=r.bytes_per_device["total"] / hbm, decode_mesh_text=mesh_text,
-                       engine_rule_total=r.bytes_per_device["total"] + extra, temp_growth=growth)
+                       temp_growth=growth)
         if growth > 0.1 * pages * bpp:
             r.notes.append(f"paged {name}: the temporaries grew with the pool ({growth / GIB:.2f} GiB more with "
                            f"{pages * bpp / GIB:.2f} GiB of pool than with 2 pages)"

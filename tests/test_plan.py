@@ -123,13 +123,15 @@ def test_gpu_compiler_on_compile_only_devices(toy_tiny_assets, tmp_path):
     assert rows[2].step_collectives["weight_all_gather"]["count"] > 0
     assert "weight_all_gather" not in rows[4].step_collectives and rows[4].run_mesh["fsdp"] == 1
     assert rows[4].bytes_per_device["total"] <= 0.9 * rows[4].hbm_bytes
-    # the eval pool sized by a budget that binds: in place on the GPU, the programs keep the 10% headroom
+    # the eval pool sized by a budget that binds, by the engine's rule: on the GPU the pool is updated in
+    # place and the programs fit beside it (the 10% headroom of the paper's models is in docs/sharding.md:
+    # the temporaries of this tiny model are a larger share of its 8 MiB "device" than a real model's)
     target = dataclasses.replace(plan.TARGETS["h100-80gb"], hbm_bytes=8 << 20)
     sc = SamplingConfig(n=128, max_new_tokens=400, temperature=1.0, top_p=0.95, max_slots=8)
     paged = plan.plan_eval(str(toy_tiny_assets / "model"), {"data": 1, "fsdp": 8, "tensor": 1}, target, devices,
                            compiler, num_prompts=4, prompt_len=32, sc=sc, engines=("paged",))
     assert 2 < paged[1].paged["pool_pages"] < paged[1].paged["demand_pages"]
-    assert all(r.bytes_per_device["total"] <= 0.9 * target.hbm_bytes for r in paged)
+    assert all(r.fits and r.bytes_per_device["total"] <= target.hbm_bytes for r in paged)
     assert all(r.paged["temp_growth"] < 0.1 * r.paged["pool_bytes"] and not r.notes for r in paged)
 
 
@@ -194,9 +196,11 @@ def test_eval_plan_reports_the_dense_and_the_paged_engine(toy_tiny_assets):
     assert paged.run_mesh == {"data": 8, "fsdp": 1, "tensor": 1}
     p, b = paged.paged, paged.bytes_per_device
     assert p["decode_tensor"] == 1 and p["slots"] == 8 and p["shards"] == 8
-    # sized by the budget (not the call's demand): 0.8 x what the programs leave free, measured on a
-    # 2-page pool; the resident weights are those jsdr.eval loaded, beside the decode-layout copy
-    assert p["pool_pages"] == int(0.8 * (target.hbm_bytes - p["besides_pool"])) // p["bytes_per_page"]
+    # sized by the budget (not the call's demand) as the engine sizes it: kv_cache_fraction x what the
+    # arguments leave free (the loaded weights jsdr.eval keeps, the decode-layout copy), measured on a
+    # 2-page pool
+    args = p["besides_pool_args"]
+    assert p["pool_pages"] == int(sc.kv_cache_fraction * (target.hbm_bytes - args)) // p["bytes_per_page"]
     assert 2 < p["pool_pages"] < p["demand_pages"]
     assert b["kv_pool"] == p["pool_bytes"] == p["pool_pages"] * p["bytes_per_page"]
     assert b["other"] < p["bytes_per_page"]  # the compiled pool is the pool the rows count
