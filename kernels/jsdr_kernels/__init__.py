@@ -7,4 +7,6 @@ from `jsdr` and register nothing on import; `jsdr.model.attention` imports them 
 
 - `jsdr_kernels.flash_attention`: flash attention forward + backward (`impl="pallas"` of
   `jsdr.model.attention.attention`).
+- `jsdr_kernels.paged_attention`: decode attention over a paged KV pool, looping only over the pages
+  a sequence uses (`impl="pallas"` of `jsdr.model.attention.paged_attention` for decode steps).
 """
