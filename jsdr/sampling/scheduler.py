@@ -166,6 +166,7 @@ class PagedEngine:
         self.context_len = int(context_len)
         self.detokenize = detokenize
         self._pools: tuple[PoolShape, tuple] | None = None
+        self._auto_pages = 0  # the largest automatic pool so far: later calls reuse its shape
         self.stats: dict = {}
 
     # ----- sizing
@@ -199,7 +200,7 @@ class PagedEngine:
         probe = PoolShape(shards, 1, ps, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(dtype).name)
         per_page = probe.bytes_per_page(prog.tensor_split())
         per_shard_demand = _pow2(math.ceil(demand / shards) + one)  # bucketed: similar calls share programs
-        budget = self._device_budget(sc, per_shard_demand, probe)
+        budget = self._device_budget(sc, max(per_shard_demand, self._auto_pages), probe)
         pages = budget // per_page
         if pages < one:
             i = int(np.argmax([o + s for o, s in zip(own, shared)]))
@@ -208,8 +209,9 @@ class PagedEngine:
                 f"max_new_tokens {max_new[i]} needs {one} pages of {ps} tokens ({one * per_page / 2**20:.1f} MiB per "
                 f"device), the budget holds {pages} ({budget / 2**20:.1f} MiB); raise kv_cache_gb / kv_cache_fraction "
                 f"(sampling.* in jsdr.eval, rollout.* in jsdr.train) or lower max_new_tokens")
-        if sc.kv_cache_gb <= 0:  # never more than the call can use
-            pages = min(pages, per_shard_demand)
+        if sc.kv_cache_gb <= 0:  # never more than the call can use (or an earlier call used: the pool's
+            pages = min(pages, max(per_shard_demand, self._auto_pages))  # shape is in every program)
+            self._auto_pages = max(self._auto_pages, int(pages))
         return PoolShape(shards, int(pages), ps, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                          jnp.dtype(dtype).name)
 
