@@ -3,7 +3,7 @@
     python scripts/bench_paged.py                  # ~3 min on 2 shared CPU cores
     python scripts/bench_paged.py --max-slots 8 16 64 --profile   # several slot counts + breakdown
     python scripts/bench_paged.py [--sequences 64 --n 1 --prompt 64 --max-new 512 --short 20 200
-                                   --long-frac 0.1 --page-size 16 --kv-mib 0 --max-slots 16
+                                   --long-frac 0.1 --page-size 16 --kv-mib 0 --max-slots 0
                                    --decode-steps 32 --repeats 3 --hidden 256 --layers 4 --vocab 32000]
 
 Workload. `--sequences` completions of random prompts of `--prompt` tokens (`--n` samples per
@@ -17,12 +17,9 @@ the same lengths (asserted) and the same useful tokens, and the comparison does 
 random model happening to emit some stop id at some step (which could differ between engines
 after a float-level difference in attention). It costs each engine what a real long-tailed batch
 (EOS at varied lengths) costs: the dense engine decodes every row until the longest row is done
-(it runs all rows to max(max_new_tokens), then cuts each row: what `Sampler` does for the dense
-engine with per-prompt limits; the script does that cut itself, see below), while the paged engine
-frees a finished sequence's slot and pages and admits the next waiting sequence (continuous
-batching). Dense side: `generate(..., sc)` with sc.max_new_tokens = the longest limit, and the
-lengths cut to the limits here, because `Sampler._dense`'s own cut writes into the read-only numpy
-views of the device arrays (ValueError: assignment destination is read-only) -- the same work.
+(`Sampler` runs all its rows to max(max_new_tokens), then cuts each row to its limit), while the
+paged engine frees a finished sequence's slot and pages and admits the next waiting sequence
+(continuous batching).
 
 Memory. Dense KV = its cache of rows x (prompt bucket + max_new) tokens (the widened cache that
 XLA's memory analysis puts in the decode program's "temp"; the whole temp, which adds the loop's
@@ -30,11 +27,11 @@ token/logprob buffers and logits, is printed too). Paged KV = the pool (`pool_by
 sized by `--kv-mib` (default 0: half the dense KV cache), never more than the dense KV cache. The
 paged engine's peak pages in use are printed as well.
 
-Slots. `--max-slots` (default 16; several values give one paged row each) caps the sequences the
-paged engine decodes at once. The engine's own default (256) means 64 slots for this 64-sequence
-call, i.e. the paged engine then decodes as many rows as the dense one, and on CPU each of its
-steps costs more than a dense step (its XLA attention gathers the pages into a copy per layer and
-step), so `--max-slots 64` shows the paged engine slower than the dense one here.
+Slots. `--max-slots` (default 0: the engine's own choice, 16 on CPU; several values give one paged
+row each) caps the sequences the paged engine decodes at once. `--max-slots 64` decodes as many
+rows as the dense engine, and on CPU each of its steps then costs more than a dense step (its XLA
+attention gathers the pages into a copy per layer and step, which leaves the cache at that size),
+so it shows the paged engine slower than the dense one here: the reason CPU's automatic cap is 16.
 
 Timing. One warm-up (compiling) call per engine, then `--repeats` timed calls per engine,
 interleaved (the order rotates and reverses every round), so a shared machine's varying load hits
@@ -90,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-mib", type=float, default=0.0,
                     help="paged KV pool per device in MiB (0 = half the dense KV cache); at most the dense KV")
-    ap.add_argument("--max-slots", type=int, nargs="+", default=[16],
+    ap.add_argument("--max-slots", type=int, nargs="+", default=[0],
                     help="paged engine: sequences decoded at once (several: one paged row each)")
     ap.add_argument("--decode-steps", type=int, default=32, help="paged engine: decode steps per segment")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per engine (after one warm-up)")
@@ -163,11 +160,7 @@ def main(argv=None):
     def run(name):
         sc = configs[name]
         t0 = time.perf_counter()
-        if sc.engine == "paged":
-            out = sampler.generate(params, None, prompts, sc, max_new_tokens=limits)
-        else:  # every row to the longest limit, then cut: what Sampler._dense does with per-prompt limits
-            out = sampler.generate(params, None, prompts, sc)  # (its in-place cut fails on read-only arrays)
-            out.lengths = np.minimum(out.lengths, want)
+        out = sampler.generate(params, None, prompts, sc, max_new_tokens=limits)
         dt = time.perf_counter() - t0
         assert (out.lengths == want).all(), (name, out.lengths, want)
         stats = dict(sampler.last_stats) if sc.engine == "paged" else {}

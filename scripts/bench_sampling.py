@@ -9,13 +9,14 @@ A random Qwen3 model is built with transformers, saved, and loaded into jsdr. Ev
 top_k=0 so only top-p filters, no EOS so every row runs to the end; `--temperature 0` is greedy on
 all sides). jsdr runs each of `--engines` (default both: "paged", the default engine -- paged KV
 cache, continuous batching -- and "dense", the reference) with the same Sampler. Each side is
-warmed up, then timed over `--repeats` runs; the jsdr engines take turns call by call (the order
-alternating), transformers runs after them. Reported: median tokens/s, jsdr's compile time (first
-call minus a warm call), the ratio of each jsdr engine to transformers (of the medians and of the
-fastest runs), and the peak memory beyond the weights (jsdr dense: XLA's memory analysis of its
-prefill and decode programs; jsdr paged: its KV pool plus the temp of its decode program, from
-XLA's memory analysis; transformers: growth of the process's peak resident set over its first
-generate call).
+warmed up, then timed over `--repeats` calls: the jsdr engines in rounds (one call of each per
+round, the order alternating), then transformers (`--interleave`: rounds over all sides, with a
+`--pause` between calls of different frameworks; see the timing comment). Reported: median
+tokens/s, jsdr's compile time (first call minus a warm call), the ratio of each jsdr engine to
+transformers (of the medians and of the fastest runs), and the peak memory beyond the weights
+(jsdr dense: XLA's memory analysis of its prefill and decode programs; jsdr paged: its KV pool plus
+the temp of its decode program, from XLA's memory analysis; transformers: growth of the process's
+peak resident set over its first generate call).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="+", default=["paged", "dense"], choices=["paged", "dense"],
                     help="jsdr engines to time")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--interleave", action="store_true",
+                    help="rounds over jsdr and transformers alike (default: jsdr rounds, then transformers)")
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="seconds of sleep between calls of different frameworks (see the timing comment)")
     args = ap.parse_args(argv)
 
     import jax
@@ -131,19 +136,20 @@ def main(argv=None):
         assert out.shape[1] == args.prompt + args.new, out.shape
         return dt
 
-    # ---- timing: jsdr first (its engines call by call, the order alternating), then transformers,
-    # each warmed up first. (Alternating jsdr and transformers in one process slowed both by 10-100%:
-    # each framework's thread pool spin-waits after its work and takes the cores from the other on a
-    # 2-core machine.)
+    # ---- timing. Every side is warmed up first (jsdr: a compiling call and a warm one; transformers:
+    # its first call, which also gives its memory). Then the jsdr engines run `--repeats` rounds, one
+    # call of each per round in alternating order (so load swings hit both alike), and transformers
+    # runs its `--repeats` calls after them. Alternating jsdr and transformers call by call in one
+    # process slows both: each framework's thread pool spin-waits after its work and takes the cores
+    # from the other on a 2-core machine (measured: back to back 10-100%; even with a 1 s sleep between
+    # frameworks jsdr's median call was ~30% slower, 561 vs 419 ms). `--interleave` does it anyway
+    # (rounds over all sides, `--pause` seconds between calls of different frameworks), for a machine
+    # whose load swings more than that.
     engines = list(dict.fromkeys(args.engines))
     first, compile_s = {}, {}
     for e in engines:
         first[e] = run_jsdr(0, e)
         compile_s[e] = first[e] - run_jsdr(0, e)
-    jsdr_times = {e: [] for e in engines}
-    for i in range(args.repeats):
-        for e in (engines if i % 2 == 0 else engines[::-1]):
-            jsdr_times[e].append(run_jsdr(i + 1, e))
     # memory beyond the weights: jsdr's from XLA's analysis of its programs (buffers the programs
     # allocate: KV cache or pool, logits, loop state); transformers' as the growth of the process's
     # peak resident set over its first generate call (the same measure as scripts/bench_forward.py)
@@ -159,12 +165,27 @@ def main(argv=None):
         mem_note["jsdr paged"] = (f" (KV pool {pool / 2 ** 20:.1f} + decode temp "
                                   f"{dec.temp_size_in_bytes / 2 ** 20:.1f}; {paged_stats['slots']} slots, "
                                   f"{paged_stats['segments']} segments)")
-    hf_times = []
-    if not args.skip_hf:
-        base = peak_reset()
-        run_hf(0)
-        mem["transformers"] = peak_since(base)
-        hf_times = [run_hf(i + 1) for i in range(args.repeats)]
+    sides = engines + ([] if args.skip_hf else ["transformers"])
+    times = {side: [] for side in sides}
+    rounds = sides if args.interleave else engines
+    schedule = []
+    for i in range(args.repeats):
+        order = rounds[i % len(rounds):] + rounds[:i % len(rounds)]
+        schedule += [(side, i) for side in (order if i % 2 == 0 else order[::-1])]
+    if not args.interleave and not args.skip_hf:
+        schedule += [("transformers", i) for i in range(args.repeats)]
+    last = None
+    for side, i in schedule:
+        fw = "torch" if side == "transformers" else "jax"
+        if last is not None and fw != last:
+            time.sleep(args.pause)
+        last = fw
+        if side == "transformers" and "transformers" not in mem:  # its warm-up call, before its first timed one
+            base = peak_reset()
+            run_hf(0)
+            mem["transformers"] = peak_since(base)
+        times[side].append(run_hf(i + 1) if side == "transformers" else run_jsdr(i + 1, side))
+    jsdr_times, hf_times = {e: times[e] for e in engines}, times.get("transformers", [])
 
     def report(name, times):
         med = statistics.median(times)

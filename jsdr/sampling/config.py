@@ -55,7 +55,8 @@ class SamplingConfig:
                                     "device memory; on CPU, what the call needs up to 4 GiB)")
     kv_cache_fraction: float = field(0.75, "paged engine: share of free device memory for the KV pool when "
                                           "kv_cache_gb is 0")
-    max_slots: int = field(256, "paged engine: sequences decoded at once (all devices together)")
+    max_slots: int = field(0, "paged engine: sequences decoded at once, all devices together (0 = auto: 256 on "
+                              "a GPU, 16 on CPU)")
     decode_steps: int = field(32, "paged engine: decode steps between two scheduler turns")
     prefill_chunk: int = field(512, "paged engine: prompt tokens per prefill row and call")
     decode_tensor: int = field(0, "paged engine: tensor-parallel size of the decode layout (0 = auto; the "
@@ -92,7 +93,7 @@ class SamplingConfig:
         object.__setattr__(self, "stop_strings", tuple(strings))
         check(_is_int(self.seed), "seed", f"{self.seed!r} is invalid: must be an integer")
         check(self.engine in ENGINES, "engine", f"{self.engine!r} is invalid: choose one of {list(ENGINES)}")
-        for name, low in (("page_size", 1), ("max_slots", 1), ("decode_steps", 1), ("prefill_chunk", 1),
+        for name, low in (("page_size", 1), ("max_slots", 0), ("decode_steps", 1), ("prefill_chunk", 1),
                           ("decode_tensor", 0)):
             v = getattr(self, name)
             check(_is_int(v) and v >= low, name, f"{v!r} is invalid: must be an integer >= {low}")

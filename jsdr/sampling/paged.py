@@ -107,6 +107,12 @@ class Programs:
         axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
         return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
 
+    @property
+    def platform(self) -> str:
+        """The platform of the devices the programs run on ("cpu", "gpu", ...)."""
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        return device.platform
+
     def ctx(self):
         if self.mesh is None:
             return contextlib.nullcontext()

@@ -248,7 +248,7 @@ class Sampler:
         dtype = self.dense._cache_dtype(params)
         shape = PoolShape(shards, int(pool_pages or 2), ps, self.cfg.num_layers, self.cfg.num_kv_heads,
                           self.cfg.head_dim, jnp.dtype(dtype).name)
-        S = slot_count(num_prompts * sc.n, sc.max_slots, shards)
+        S = slot_count(num_prompts * sc.n, sc.max_slots, shards, prog.platform)
         full = -(-(prompt_len + sc.max_new_tokens) // ps)
         widths = TableWidths(full, ps)
         rows, C = widths.prefill_rows_and_chunk(prompt_len - 1, num_prompts, sc.prefill_chunk)

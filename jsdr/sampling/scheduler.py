@@ -44,7 +44,7 @@ from jsdr.sampling.filters import knobs_of, stop_id_array
 from jsdr.sampling.paged import PoolShape, Programs, Slots
 
 CPU_POOL_CAP = 4 << 30  # auto KV budget without device memory statistics (CPU): at most this per device
-MIN_CONTEXT_TOKENS = 1024  # page tables narrower than this many tokens are not bucketed further
+MIN_CONTEXT_TOKENS = 256  # page tables narrower than this many tokens are not bucketed further
 MIN_PREFILL_CHUNK = 16
 PREFILL_TOKENS = 4096  # prefill rows x chunk per shard and call, at most
 
@@ -60,9 +60,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def slot_count(sequences: int, max_slots: int, shards: int) -> int:
-    """Decode slots of a call: a power of two up to max_slots, a multiple of the data shards."""
-    S = min(_pow2(sequences), _pow2(max_slots))
+AUTO_SLOTS = {"cpu": 16}  # max_slots=0: per platform (default AUTO_SLOTS_DEFAULT)
+AUTO_SLOTS_DEFAULT = 256
+
+
+def slot_count(sequences: int, max_slots: int, shards: int, platform: str = "gpu") -> int:
+    """Decode slots of a call: a power of two up to max_slots (0 = the platform's AUTO_SLOTS: on CPU a
+    decode step's cost grows faster than its slots once the gathered pages leave the cache), a
+    multiple of the data shards."""
+    cap = max_slots or AUTO_SLOTS.get(platform, AUTO_SLOTS_DEFAULT)
+    S = min(_pow2(sequences), _pow2(cap))
     return -(-S // shards) * shards
 
 
@@ -252,7 +259,7 @@ class PagedEngine:
         for s, k in zip(seqs, row_keys(key, len(seqs), n, prompt_keys)):
             s.key = k
         unfinished = [n] * len(groups)
-        S = slot_count(len(seqs), sc.max_slots, shards)
+        S = slot_count(len(seqs), sc.max_slots, shards, prog.platform)
         Sl = S // shards
         full_pages = max(math.ceil((len(p) + m) / ps) for p, m in zip(prompts, max_new))
         widths = TableWidths(full_pages, ps)
