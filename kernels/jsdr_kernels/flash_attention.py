@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -45,28 +44,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton flavour of Pallas (GPU compiler params); absent on some builds
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, \
+    is_pow2 as _is_pow2, masked_softmax, next_pow2 as _next_pow2, pad_axis as _pad_axis
 
 __all__ = ["BlockSizes", "default_block_sizes", "gpu_generation", "flash_attention",
            "reference_attention"]
 
-_LOG2E = math.log2(math.e)
-_MASKED = -1e30  # logit (base-2 units) of a masked entry; finite so that max/exp never see inf - inf
 
 
 # ---------------------------------------------------------------------------------------------
 # Block sizes
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,26 +150,13 @@ def reference_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offs
     visible = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
     if causal:
         visible &= jnp.arange(S)[None, None, :] <= (jnp.arange(T) + q_offset)[None, :, None]
-    visible = visible[:, None]  # [B, 1, T, S]
-    logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # softmax is shift-invariant
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # rows that see nothing
-    weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    probs = masked_softmax(logits, visible[:, None])  # [B, 1, T, S] against [B, H, T, S]
     out = jnp.einsum("bhts,bshd->bthd", probs, vf, precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels. Refs carry one (batch, head) slice; all logits are in base-2 units (scale * log2 e).
-
-
-def _dot(a, b, contract_a: int, contract_b: int):
-    """a . b contracting one dim each, float32 accumulation, IEEE precision for float32 inputs."""
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
 
 
 def _visible(q_seg, q_slot, k_seg, k_start, block_k: int, causal: bool):
@@ -309,9 +283,7 @@ class _Cfg(NamedTuple):
 
 
 def _call(cfg: _Cfg, kernel, **kw):
-    params = None
-    if not cfg.interpret and plgpu is not None:
-        params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    params = compiler_params(cfg.interpret, cfg.num_warps, cfg.num_stages)
     return pl.pallas_call(kernel, interpret=cfg.interpret, compiler_params=params, **kw)
 
 
@@ -400,14 +372,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _fit(block: int, n: int) -> int:
     return min(block, max(16, _next_pow2(n)))
-
-
-def _pad_axis(x, axis: int, size: int):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def _round_up(n: int, m: int) -> int:

@@ -44,32 +44,19 @@ This module is a leaf: it imports nothing from `jsdr` and registers nothing on i
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton flavour of Pallas (GPU compiler params); absent on some builds
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, \
+    is_pow2 as _is_pow2, masked_softmax, next_pow2 as _next_pow2, pad_axis as _pad_axis
 
 __all__ = ["default_pages_per_block", "paged_attention", "reference_paged_attention"]
 
-_LOG2E = math.log2(math.e)
-_MASKED = -1e30  # logit (base-2 units) of a masked slot; finite so that max/exp never see inf - inf
 _BLOCK_TOKENS = 128  # default tokens per loop step (pages_per_block * S), untuned
 _NUM_WARPS, _NUM_STAGES = 4, 2  # Triton launch parameters, untuned
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,12 +81,7 @@ def reference_paged_attention(q, k_pages, v_pages, page_table, lengths, scale: f
     values = jnp.repeat(values, H // K, axis=0)
     visible = jnp.arange(M * S)[None, :] < jnp.asarray(lengths)[:, None]  # [B, M*S]
     logits = jnp.einsum("bhd,hbpd->bhp", q.astype(jnp.float32), keys, precision=lax.Precision.HIGHEST) * scale
-    logits = jnp.where(visible[:, None], logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # sequences of length 0
-    weights = jnp.where(visible[:, None], jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    probs = masked_softmax(logits, visible[:, None])  # sequences of length 0 give zeros
     values = jnp.where(visible[None, :, :, None], values, 0.0)  # unseen slots may hold anything
     out = jnp.einsum("bhp,hbpd->bhd", probs, values, precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)
@@ -108,13 +90,6 @@ def reference_paged_attention(q, k_pages, v_pages, page_table, lengths, scale: f
 # ---------------------------------------------------------------------------------------------
 # The kernel. Refs: q [Gp, Dp] of one (sequence, kv head); the kv head's whole pools [P, S, Dp];
 # the sequence's page-table row [Mp]; its length [1]. Logits are in base-2 units (scale * log2 e).
-
-
-def _dot(a, b, contract_a: int, contract_b: int):
-    """a . b contracting one dim each, float32 accumulation, IEEE precision for float32 inputs."""
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
 
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, *, scale2: float, pages_per_block: int):
@@ -156,14 +131,6 @@ def default_pages_per_block(page_size: int, max_pages: int) -> int:
     two), and at least 16 tokens (Triton's dot)."""
     ppb = min(max(1, _BLOCK_TOKENS // page_size), _next_pow2(max_pages))
     return max(ppb, _next_pow2(-(-16 // page_size)))
-
-
-def _pad_axis(x, axis: int, size: int):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float | None = None,
@@ -212,9 +179,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float | 
     pt = _pad_axis(page_table.astype(jnp.int32), 1, Mp)  # page 0: read past every length, never used
     lens = jnp.clip(lengths.astype(jnp.int32), 0, M * S)
 
-    params = None
-    if not interpret and plgpu is not None:
-        params = plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    params = compiler_params(bool(interpret), _NUM_WARPS, _NUM_STAGES)
     group = pl.BlockSpec((None, None, Gp, Dp), lambda b, h: (b, h, 0, 0))
     pool = pl.BlockSpec((None, P, S, Dp), lambda b, h: (h, 0, 0, 0))
     out = pl.pallas_call(
