@@ -43,15 +43,21 @@ MODES = ("forward", "fwdbwd_full", "fwdbwd_lora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def add_model_args(p, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                   head_dim: int = 64, vocab: int = 32000) -> None:
+    """The random Qwen3's shape options that the benchmark scripts share."""
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--intermediate", type=int, default=intermediate)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--kv-heads", type=int, default=kv_heads)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    p.add_argument("--vocab", type=int, default=vocab)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p, hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4)
     p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)

@@ -63,6 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import add_model_args  # noqa: E402
+
 
 def long_tailed_lengths(count: int, max_new: int, short: tuple[int, int], long_frac: float, seed: int) -> list[int]:
     """`count` lengths: round(long_frac * count) (at least 1) equal to max_new, the others
@@ -91,13 +94,7 @@ def main(argv=None):
                     help="paged engine: sequences decoded at once (several: one paged row each)")
     ap.add_argument("--decode-steps", type=int, default=32, help="paged engine: decode steps per segment")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per engine (after one warm-up)")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap, hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
