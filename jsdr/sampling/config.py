@@ -110,10 +110,6 @@ class SamplingConfig:
     def filtered(self) -> bool:
         return self.top_k != -1 or self.top_p < 1.0 or self.min_p > 0.0
 
-    def what(self) -> dict:
-        """The settings that decide the tokens (everything but ENGINE_FIELDS)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ENGINE_FIELDS}
-
 
 @dataclasses.dataclass
 class SampleOutput:

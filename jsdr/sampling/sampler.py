@@ -35,17 +35,9 @@ from jsdr.sampling.dense import DEFAULT_PROMPT_BUCKETS, DenseSampler
 from jsdr.sampling.filters import FILTER_BOUND
 from jsdr.sampling.filters import Knobs
 from jsdr.sampling.paged import PoolShape, Programs, Slots
-from jsdr.sampling.scheduler import PagedEngine, SamplingError, TableWidths, slot_count
+from jsdr.sampling.scheduler import PagedEngine, SamplingError, TableWidths, memory_stats, slot_count
 
 DECODE_WEIGHT_SHARE = 0.25
-
-
-def _device_memory(device) -> int | None:
-    try:
-        stats = device.memory_stats()
-    except Exception:  # backends without statistics
-        return None
-    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
 def decode_tensor_size(num_devices: int, num_kv_heads: int, weight_bytes: int, device_bytes: int | None,
@@ -97,13 +89,16 @@ class Sampler:
 
     # ----- the decode layout
 
-    def decode_tensor(self, params, sc: SamplingConfig) -> int:
+    def decode_tensor(self, params, sc: SamplingConfig, device_bytes: int | None = None, measure: bool = True) -> int:
+        """The decode layout's tensor size for `params` (see `decode_tensor_size`); the device memory is
+        `device_bytes`, or (with `measure`) read from the mesh's first device."""
         if self.mesh is None or self.mesh.size == 1:
             return 1
+        if device_bytes is None and measure:
+            stats = memory_stats(np.asarray(self.mesh.devices).flat[0])
+            device_bytes = int(stats["bytes_limit"]) if stats else None
         weight_bytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-        device = np.asarray(self.mesh.devices).flat[0]
-        return decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, _device_memory(device),
-                                  sc.decode_tensor)
+        return decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, device_bytes, sc.decode_tensor)
 
     def engine(self, tensor: int) -> PagedEngine:
         if tensor not in self._engines:
@@ -160,13 +155,11 @@ class Sampler:
             raise TypeError(f"sc must be a SamplingConfig, got {type(sc).__name__}")
         rows = self.dense._check_prompts(prompts)
         limits = self._limits(max_new_tokens, len(rows), sc)
-        if sc.stop_strings and self.detokenize is None:
-            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
         key = jax.random.PRNGKey(sc.seed) if rng is None else rng
         if prompt_keys is not None and len(prompt_keys) != len(rows):
             raise SamplingError(f"prompt_keys: {len(prompt_keys)} keys for {len(rows)} prompts")
         if sc.engine == "dense":
-            self.engine(1).check(rows, limits)  # the context, as the paged engine checks it
+            self.engine(1).check(rows, limits, sc.stop_strings)  # as the paged engine checks its calls
             out = self._dense(params, lora, rows, sc, key, limits, prompt_keys)
             if on_prompt_done is not None:
                 for i in range(len(rows)):
@@ -189,10 +182,8 @@ class Sampler:
         anything: callers check before they write anything (jsdr.eval)."""
         rows = self.dense._check_prompts(prompts)
         limits = self._limits(max_new_tokens, len(rows), sc)
-        if sc.stop_strings and self.detokenize is None:
-            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
         engine = self.engine(self.decode_tensor(params, sc) if sc.engine == "paged" else 1)
-        engine.check(rows, limits)
+        engine.check(rows, limits, sc.stop_strings)
         if sc.engine == "paged":
             engine.plan_pool(sc, [len(r) for r in rows], limits, sc.n, self.dense._cache_dtype(params))
 
@@ -237,12 +228,7 @@ class Sampler:
         "decode": Compiled, "info": {...}} with the decode mesh, slots, page-table width and pool."""
         shapes = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
         params, lora = shapes(params), None if lora is None else shapes(lora)
-        if self.mesh is None or self.mesh.size == 1:
-            tensor = 1
-        else:
-            weight_bytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-            tensor = decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, device_bytes,
-                                        sc.decode_tensor)
+        tensor = self.decode_tensor(params, sc, device_bytes, measure=False)  # the target's memory, not this machine's
         prog = self.engine(tensor).programs
         ps, shards = sc.page_size, prog.shards
         dtype = self.dense._cache_dtype(params)

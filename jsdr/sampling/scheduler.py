@@ -49,6 +49,15 @@ MIN_PREFILL_CHUNK = 16
 PREFILL_TOKENS = 4096  # prefill rows x chunk per shard and call, at most
 
 
+def memory_stats(device) -> dict | None:
+    """The device's memory statistics with a `bytes_limit` (GPU), or None (CPU, compile-only devices)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without statistics
+        return None
+    return stats if stats and stats.get("bytes_limit") else None
+
+
 class SamplingError(JsdrError, ValueError):
     """A sampling call that cannot run as asked (prompt too long, KV budget too small, no prompts)."""
 
@@ -184,12 +193,8 @@ class PagedEngine:
             return int(sc.kv_cache_gb * (1 << 30))
         mesh = self.programs.mesh
         device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-        stats = None
-        try:
-            stats = device.memory_stats()
-        except Exception:  # backends without statistics
-            stats = None
-        if stats and stats.get("bytes_limit"):
+        stats = memory_stats(device)
+        if stats:
             held = self._pools[0].pages * shape.bytes_per_page(self.programs.tensor_split()) if self._pools else 0
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) + held
             return int(free * sc.kv_cache_fraction)
@@ -223,17 +228,21 @@ class PagedEngine:
                          jnp.dtype(dtype).name)
 
     def _pools_for(self, shape: PoolShape):
-        if self._pools is not None and self._pools[0] == shape:
-            pools = self._pools[1]
-        else:
-            self._pools = None  # free the old pools before allocating new ones
-            pools = self.programs.new_pools(shape)
-        self._pools = None
-        return pools
+        """The pools of `shape`: the kept ones when they fit, else new ones (the old freed first). The
+        call owns them (they are donated through its programs) until `generate` keeps them again."""
+        kept, self._pools = self._pools, None
+        if kept is not None and kept[0] == shape:
+            return kept[1]
+        del kept
+        return self.programs.new_pools(shape)
 
     # ----- the call
 
-    def check(self, prompts: Sequence[np.ndarray], max_new: Sequence[int]) -> None:
+    def check(self, prompts: Sequence[np.ndarray], max_new: Sequence[int], stop_strings: Sequence[str] = ()) -> None:
+        """Raise on what no call could run: stop strings without a detokenizer, a prompt as long as the
+        context; warn when a prompt + its max_new_tokens exceeds the context."""
+        if stop_strings and self.detokenize is None:
+            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
         for i, (p, m) in enumerate(zip(prompts, max_new)):
             if len(p) >= self.context_len:
                 raise SamplingError(f"prompt {i} has {len(p)} tokens, the model's context is {self.context_len} "
@@ -248,9 +257,7 @@ class PagedEngine:
                  progress: Callable[[dict], None] | None = None,
                  on_prompt_done: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
         prog = self.programs
-        if sc.stop_strings and self.detokenize is None:
-            raise SamplingError("stop_strings need a detokenizer: build the Sampler with detokenize=tokenizer.decode")
-        self.check(prompts, max_new)
+        self.check(prompts, max_new, sc.stop_strings)
         n, shards = sc.n, prog.shards
         shape = self.plan_pool(sc, [len(p) for p in prompts], max_new, n, cache_dtype)
         ps, steps = shape.page_size, sc.decode_steps
@@ -298,7 +305,7 @@ class PagedEngine:
                 turn += 1
                 # 1. admit
                 admitted: list[_Seq] = []
-                jobs: list[tuple[int, np.ndarray, int, list[int]]] = []  # (shard, tokens, start, page table)
+                jobs: list[tuple[int, np.ndarray, list[int]]] = []  # (shard, tokens from position 0, page table)
                 copies: list[tuple[int, int, int]] = []  # (shard, src, dst)
                 free_slots = [[s for s in range(d * Sl, (d + 1) * Sl) if slot_seq[s] is None] for d in range(shards)]
                 while waiting:
@@ -307,10 +314,10 @@ class PagedEngine:
                     fresh = not seq.tokens
                     order = sorted(range(shards), key=lambda d: (not (fresh and d in g.pages), -len(free_slots[d]), d))
                     placed = False
+                    need_entries = coverage(seq)
                     for d in order:
                         if not free_slots[d]:
                             continue
-                        need_entries = coverage(seq)
                         if fresh:
                             full = (seq.prompt_len - 1) // ps
                             group_new = 0 if d in g.pages else math.ceil((seq.prompt_len - 1) / ps)
@@ -321,7 +328,7 @@ class PagedEngine:
                             continue
                         if fresh and d not in g.pages and seq.prompt_len > 1:
                             g.pages[d] = pages.take(d, group_new)
-                            jobs.append((d, g.tokens[:-1], 0, g.pages[d]))
+                            jobs.append((d, g.tokens[:-1], g.pages[d]))
                         if fresh:
                             shared = g.pages.get(d, [])[:full]
                             pages.ref(d, shared)
@@ -332,7 +339,7 @@ class PagedEngine:
                         else:  # resumed after preemption: recompute its prompt and tokens
                             seq.pages = pages.take(d, own)
                             ctx = np.concatenate([g.tokens, np.asarray(seq.tokens[:-1], np.int32)])
-                            jobs.append((d, ctx, 0, seq.pages))
+                            jobs.append((d, ctx, seq.pages))
                         seq.shard, seq.slot, seq.admitted_at = d, free_slots[d].pop(0), turn
                         slot_seq[seq.slot] = seq
                         admitted.append(seq)
@@ -442,11 +449,11 @@ class PagedEngine:
     # ----- pieces of a turn
 
     def _prefill(self, params, lora, pools, jobs, shards: int, ps: int, widths: TableWidths, chunk: int):
-        """Run the prefill jobs (shard, tokens, start, page table) in chunked calls; rows of a call are
-        grouped by shard (row r of shard d is row d * rows + r)."""
+        """Run the prefill jobs (shard, tokens from position 0, page table) in chunked calls; rows of a
+        call are grouped by shard (row r of shard d is row d * rows + r)."""
         todo = [[] for _ in range(shards)]
-        for d, toks, start, table in jobs:
-            todo[d].append([toks, start, table])
+        for d, toks, table in jobs:
+            todo[d].append([toks, 0, table])  # [tokens, next position, page table]
         while any(todo):
             longest = max(len(j[0]) - j[1] for jobs_d in todo for j in jobs_d)
             rows, C = widths.prefill_rows_and_chunk(longest, max(len(t) for t in todo), chunk)
