@@ -71,7 +71,10 @@ RUN_FILES = ("metrics.jsonl", "tb", "checkpoints", "adapter", "config.json", "co
 RESUME_FREE = frozenset({"train.resume", "train.overwrite", "train.resume_override", "train.log_every",
                          "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.output_dir",
                          "train.max_nonfinite_steps", "data.eval", "data.eval_split", "data.eval_limit",
-                         "data.eval_max_new_tokens", "data.eval_temperature"})
+                         "data.eval_max_new_tokens", "data.eval_temperature",
+                         # the processes of a run may change between starts (the checkpoint is global arrays)
+                         "dist.coordinator", "dist.num_processes", "dist.process_id", "dist.auto",
+                         "dist.init_timeout", "dist.heartbeat_timeout", "dist.timeout"})
 # settings that can never change within a run: the checkpoint's tree or meaning depends on them
 # (each method adds its own, e.g. the OPSD teacher: Method.fixed_on_resume)
 RESUME_FIXED = frozenset({"method", "model", "lora"})

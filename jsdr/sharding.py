@@ -148,7 +148,7 @@ def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequen
         if config.num_devices is not None:
             check(config.num_devices <= len(devices), "mesh.num_devices",
                   f"{config.num_devices} devices asked for, but only {len(devices)} are available")
-            devices = devices[:config.num_devices]
+            devices = _first_devices(devices, config.num_devices)
     devices = list(devices)
     shape = config.resolve(len(devices))
     auto = (AxisType.Auto,) * len(MESH_AXES)
@@ -156,6 +156,19 @@ def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequen
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     except Exception:  # topologies make_mesh cannot lay out: plain row-major order
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _first_devices(devices: list, n: int) -> list:
+    """The first n devices; with several processes the first n / processes of each (every process
+    must hold part of the mesh: it runs the same programs)."""
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == 1:
+        return devices[:n]
+    check(n % len(procs) == 0, "mesh.num_devices",
+          f"{n} devices do not split over the {len(procs)} processes of this run (every process takes an equal "
+          f"share); pass a multiple of {len(procs)}, or --mesh.num_devices=null for all {len(devices)}")
+    per = n // len(procs)
+    return [d for p in procs for d in [d for d in devices if d.process_index == p][:per]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jsdr import config, methods, run, sharding, toy
+from jsdr import distributed as dist
 from jsdr.checkpoint import Checkpointer, RunDirectory
 from jsdr.config import ConfigError, check, field
 from jsdr.data.datasets import DataConfig, load_records
@@ -117,6 +118,7 @@ class TrainConfig(MethodOptions):
     train: LoopConfig = field(LoopConfig(), "")
     mesh: sharding.MeshConfig = field(sharding.MeshConfig(), "")
     rollout: SamplingConfig = field(SamplingConfig(), "")
+    dist: dist.DistConfig = field(dist.DistConfig(), "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +311,16 @@ def read_metrics(path: Path, log=print) -> list[dict]:
     return out
 
 
+class _NoLogger:
+    """The metrics log of the processes other than 0 (process 0 writes the one file)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Logger:
     """Metrics to JSONL and TensorBoard event files (tensorboardX when installed).
 
@@ -363,7 +375,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, progress: bool = True, log=print, sample=None):
         """`sample`: replaces the sampler (lora, prompts, SamplingConfig, rng) -> SampleOutput (tests)."""
-        self.cfg, self.progress, self.log = cfg, progress, log
+        # every process runs this same code (SPMD); process 0 alone prints, logs and writes run files
+        self.cfg, self.progress, self.log = cfg, progress and dist.is_main(), dist.quiet_unless_main(log)
+        log = self.log
         self.run_dir = Path(cfg.train.output_dir.format(method=cfg.method))
         self.mesh, self.rules = sharding.make_mesh(cfg.mesh), sharding.effective_rules(cfg.mesh)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -376,7 +390,7 @@ class Trainer:
                 f"({cfg.train.grad_accum}) = {self.batch}")
 
         opened = run.open_model(cfg.model.path, mesh=self.mesh, rules=self.rules, dtype=cfg.model.dtype,
-                                tokenizer=cfg.model.tokenizer, progress=progress)
+                                tokenizer=cfg.model.tokenizer, progress=self.progress)
         self.params, self.mcfg, self.tokenizer = opened.params, opened.config, opened.tokenizer
         self.model_dir, self.pad_id = opened.directory, opened.pad_id
         self.model = Model(self.mcfg, lora_scale=cfg.lora.scale, attn_impl=resolve_impl(cfg.model.attn_impl),
@@ -474,7 +488,9 @@ class Trainer:
                             **{k: getattr(self.cfg.rollout, k) for k in ENGINE_FIELDS})  # the rollouts' engine
         out = self.sample(lora, prompts, sc, jax.random.PRNGKey(self.cfg.seed + 7))
         texts = run.decode(self.tokenizer, out.tokens, out.lengths)
-        correct = [grade(t, r["answer"], method=self.cfg.reward).correct for t, r in zip(texts, self.eval_records)]
+        grades = dist.shared_map(lambda tr: grade(tr[0], tr[1], method=self.cfg.reward),
+                                 [(t, r["answer"]) for t, r in zip(texts, self.eval_records)], "eval grades")
+        correct = [g.correct for g in grades]
         return {"eval/accuracy": float(np.mean(correct)), "eval/response_tokens": float(np.mean(out.lengths))}
 
     # -- the jitted step -----------------------------------------------------------------------
@@ -489,7 +505,7 @@ class Trainer:
     def _start(self, ckpt: Checkpointer) -> int:
         """The step to start from: 0, or the latest checkpoint's (restoring the state) on a resume that
         the run directory allows (see RunDirectory)."""
-        latest = self.run_dir_state.prepare(ckpt)
+        latest = dist.on_main(lambda: self.run_dir_state.prepare(ckpt), "prepare the run directory")
         if latest is None:
             return 0
         try:
@@ -570,7 +586,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir_state = RunDirectory(self.run_dir, config.to_dict(cfg), cfg.train, self.method.fixed_on_resume,
                                           self.log)
-        self.run_dir_state.clear_for_overwrite()
+        dist.on_main(self.run_dir_state.clear_for_overwrite, "clear the run directory")
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.nonfinite_total = self.nonfinite_run = self.zero_grad_run = 0
         logger = bar = None
@@ -578,8 +594,11 @@ class Trainer:
         summary: dict = {}
         try:
             start = self._start(ckpt)
-            self.run_dir_state.write_config(start)
-            logger = Logger(self.run_dir, start, log=self.log)
+            dist.on_main(lambda: self.run_dir_state.write_config(start), "write the run's configuration")
+            opened: dict = {}  # process 0 opens the metrics log; its failure stops every process
+            dist.on_main(lambda: opened.setdefault("log", Logger(self.run_dir, start, log=self.log)) and None,
+                         "open the metrics log")
+            logger = opened.get("log") or _NoLogger()
             if start == 0 and self.eval_records:
                 summary["eval/accuracy_before"] = self.evaluate(self.state.lora).get("eval/accuracy")
                 self.log(f"held-out accuracy before training: {summary['eval/accuracy_before']:.3f} "
@@ -599,7 +618,7 @@ class Trainer:
                 with sharding.use_mesh(self.mesh, self.rules):
                     batch = run.place_batch(step_batch.batch, self.mesh, leading=1, rules=self.rules)
                     self.state, metrics = self.step_fn()(self.state, self.params, batch, rng_step)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) for k, v in dist.fetch(metrics).items()}
                 step += 1
                 n_tok = step_batch.tokens
                 metrics.update(step_batch.info)
@@ -653,7 +672,8 @@ class Trainer:
                 failures.append(str(e) + ("" if failures else f"; the adapter in {self.run_dir / 'adapter'} "
                                                                f"holds the trained weights"))
             try:
-                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                if dist.is_main():
+                    (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             except OSError as e:
                 failures.append(f"{self.run_dir / 'summary.json'}: {e}")
             if failures:
@@ -674,7 +694,9 @@ class Trainer:
     def export(self) -> Path:
         out = self.run_dir / "adapter"
         base = self.cfg.model.path if self.cfg.model.path != "toy" else str(self.model_dir)
-        save_peft(out, jax.device_get(self.state.lora), self.cfg.lora, self.mcfg, base_model_name_or_path=base)
+        lora = dist.fetch(self.state.lora)  # every process takes part in the gather; process 0 writes
+        dist.on_main(lambda: save_peft(out, lora, self.cfg.lora, self.mcfg, base_model_name_or_path=base),
+                     "write the adapter")
         self.log(f"PEFT adapter written to {out}")
         return out
 
@@ -730,21 +752,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = None
     try:
         cfg, note = build_config(argv)
-        if note:
+        dist.initialize(cfg.dist)  # before anything touches a device
+        if note and dist.is_main():
             print(f"jsdr: no --config given: using the {note}")
         trainer = Trainer(cfg)
         summary = trainer.run()
     except (JsdrError, OSError) as e:
-        line, code = error_line("jsdr.train", e)
+        line, code = error_line("jsdr.train" + dist.who(), e)
         print(line, file=sys.stderr)
         return code
     except KeyboardInterrupt:  # a second signal while stopping
         print("jsdr.train: interrupted; the last checkpoint written (if any) is intact", file=sys.stderr)
         return 130
     keys = [k for k in ("eval/accuracy_before", "eval/accuracy_after") if summary.get(k) is not None]
-    if keys:
+    if not dist.is_main():
+        keys = []
+    elif keys:
         print("  ".join(f"{k.split('/')[-1]}={summary[k]:.3f}" for k in keys))
-    print(f"run directory: {trainer.run_dir}")
+    if dist.is_main():
+        print(f"run directory: {trainer.run_dir}")
     stopped = summary.get("stopped")
     if stopped is not None:
         return 128 + int(stopped) if isinstance(stopped, int) else 130

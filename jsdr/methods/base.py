@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdr import distributed as dist
 from jsdr import run
 from jsdr.data.datasets import DataConfig
 from jsdr.data.prompts import PromptTemplates, render_student
@@ -132,7 +133,10 @@ class Method:
         if len(lengths) != len(records) * n:
             raise ValueError(f"{len(lengths)} samples for {len(records)} records x n={n}")
         texts = run.decode(self.setup.tokenizer, out.tokens, lengths)
-        return [grade(text, records[i // n]["answer"], method=self.setup.reward) for i, text in enumerate(texts)]
+        # each sample graded once, on one process; every process receives every grade
+        reward = self.setup.reward
+        return dist.shared_map(lambda ta: grade(ta[0], ta[1], method=reward),
+                               [(t, records[i // n]["answer"]) for i, t in enumerate(texts)], "rollout grades")
 
     def stack(self, batch: Any) -> Any:
         """[grad_accum * micro, ...] rows -> [grad_accum, micro, ...] (None leaves stay None)."""

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdr import distributed as dist
 from jsdr import sharding
 from jsdr.model.transformer import CACHE_AXES, CACHE_SEQ_AXIS, Model, init_cache, positions_from_segments
 from jsdr.sampling.config import SampleOutput, SamplingConfig, row_keys
@@ -304,7 +305,7 @@ class DenseSampler:
             self.decode_rows += x.prompt_rows * sc.n
             out = self._decode(params, lora, **self._decode_args(x, logits0, prompt_k, prompt_v),
                                **self._decode_static(sc))
-        out = DecodeResult(*(np.array(np.asarray(a)[:rows]) for a in out))  # writable copies
+        out = DecodeResult(*(np.array(a[:rows]) for a in dist.fetch(tuple(out))))  # writable copies
         return SampleOutput(tokens=out.tokens, logprobs=out.logprobs, logprobs_raw=out.logprobs_raw,
                             lengths=out.lengths.astype(np.int32),
                             finish_reason=np.where(out.stopped, 0, 1).astype(np.int8),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jsdr import distributed as dist
 from jsdr import sharding
 from jsdr.model.transformer import Model, param_axes
 from jsdr.sampling.config import SampleOutput, SamplingConfig, cut_at_stop_strings
@@ -95,8 +96,9 @@ class Sampler:
         if self.mesh is None or self.mesh.size == 1:
             return 1
         if device_bytes is None and measure:
-            stats = memory_stats(np.asarray(self.mesh.devices).flat[0])
-            device_bytes = int(stats["bytes_limit"]) if stats else None
+            stats = memory_stats(dist.local_device(self.mesh))
+            device_bytes = dist.agree(int(stats["bytes_limit"]) if stats else None,
+                                      lambda v: None if None in v else min(v), "device memory")
         weight_bytes = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
         return decode_tensor_size(self.mesh.size, self.cfg.num_kv_heads, weight_bytes, device_bytes, sc.decode_tensor)
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsdr import distributed as dist
 from jsdr.errors import JsdrError
 from jsdr.sampling.config import SampleOutput, SamplingConfig, find_stop_string, row_keys
 from jsdr.sampling.filters import knobs_of, stop_id_array
@@ -191,13 +192,12 @@ class PagedEngine:
         """KV pool bytes per device."""
         if sc.kv_cache_gb > 0:
             return int(sc.kv_cache_gb * (1 << 30))
-        mesh = self.programs.mesh
-        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-        stats = memory_stats(device)
+        stats = memory_stats(dist.local_device(self.programs.mesh))
         if stats:
             held = self._pools[0].pages * shape.bytes_per_page(self.programs.tensor_split()) if self._pools else 0
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) + held
-            return int(free * sc.kv_cache_fraction)
+            # one budget for every process (each reads its own device): the pools and programs must agree
+            return dist.agree(int(free * sc.kv_cache_fraction), min, "KV budget")
         return min(CPU_POOL_CAP, demand_pages * shape.bytes_per_page(self.programs.tensor_split()))
 
     def plan_pool(self, sc: SamplingConfig, prompt_lens: Sequence[int], max_new: Sequence[int], n: int,
@@ -353,7 +353,8 @@ class PagedEngine:
                     pools = self._prefill(params, lora, pools, jobs, shards, ps, widths, sc.prefill_chunk)
                 if copies:
                     pools = self._copy(pools, copies, shards)
-                for g in {s.group for s in admitted}:
+                for g in dict.fromkeys(s.group for s in admitted):  # admission order: a set's order is id-based and
+                    # would differ between runs and between the processes of one run (which must agree)
                     if g.pending == 0 and g.pages:
                         release_group(g)
                 if admitted:
@@ -402,8 +403,9 @@ class PagedEngine:
                 pools = (pools_k, pools_v)
                 self.stats["segments"] += 1
                 # 5. collect
-                step, done, stopped = (np.asarray(x) for x in (slots.step, slots.done, slots.stopped))
-                toks, lps, raws = (np.asarray(x) for x in out)
+                # the whole value on every process (each runs this same scheduler, SPMD)
+                step, done, stopped = dist.fetch((slots.step, slots.done, slots.stopped))
+                toks, lps, raws = dist.fetch(tuple(out))
                 killed = []
                 for s in live:
                     k = int(step[s.slot]) - before[s.slot]
