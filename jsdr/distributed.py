@@ -32,8 +32,10 @@ import numpy as np
 from jsdr.config import check, field
 from jsdr.errors import JsdrError, RunError
 
-# environment variables of launchers whose process layout jax.distributed.initialize() detects itself
-_DETECTED = (("SLURM_NTASKS", "SLURM"), ("OMPI_COMM_WORLD_SIZE", "Open MPI"), ("PMI_SIZE", "MPICH/PMI"))
+# launchers whose process layout jax.distributed.initialize() detects itself: (name, the variable with
+# the process count, the variables jax's detection needs)
+_DETECTED = (("SLURM", "SLURM_NTASKS", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")),
+             ("Open MPI", "OMPI_COMM_WORLD_SIZE", ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_RANK")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,9 @@ _STATE = {"timeout": 1800, "calls": 0}
 
 def detected_launcher() -> str | None:
     """The name of a launcher that started this process as one of several tasks, if any."""
-    for var, name in _DETECTED:
+    for name, count, needed in _DETECTED:
         try:
-            if int(os.environ.get(var, "1")) > 1:
+            if int(os.environ.get(count, "1")) > 1 and all(v in os.environ for v in needed):
                 return name
         except ValueError:
             continue

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jsdr import config, run, sharding, toy
+from jsdr import distributed as dist
 from jsdr.config import ConfigError, field
 from jsdr.data.datasets import BENCHMARKS, DataError, load_records, load_spec
 from jsdr.data.prompts import PromptError, PromptTemplates, render_prompt, stop_token_ids, student_messages
@@ -94,6 +95,7 @@ class EvalConfig:
                                    "unknown key, or --resume=false)")
     seed: int = field(0, "sampling seed (each batch folds in its position)")
     mesh: sharding.MeshConfig = field(sharding.MeshConfig(), "")
+    dist: dist.DistConfig = field(dist.DistConfig(), "")
 
     def __post_init__(self):
         config.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
@@ -432,6 +434,8 @@ def _render_prompts(tok, items, thinking: bool) -> list[list[int]]:
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
+    # every process runs this (SPMD): all sample together; process 0 alone prints and writes the files
+    log, progress = dist.quiet_unless_main(log), progress and dist.is_main()
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.effective_rules(cfg.mesh)
     benches = _load_benchmarks(cfg)
     adapter_hash = adapter_sha256(cfg.adapter) if cfg.adapter else None
@@ -442,10 +446,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     stops = stop_token_ids(tok, cfg.sampling.stop_token_ids)
     key = eval_key(cfg, benches, model_dir, tok, prompts, stops, adapter_hash)
     out_dir = output_dir_of(cfg, key)
-    prepare_output_dir(out_dir, key, cfg, log)  # refuses before the weights are loaded
-    samples_path = out_dir / SAMPLES_FILE
+    dist.on_main(lambda: prepare_output_dir(out_dir, key, cfg, log), "prepare the output directory")  # refuses
+    samples_path = out_dir / SAMPLES_FILE                                                   # before any weight loads
     n = cfg.sampling.n
-    done = read_done(samples_path, n, log)
+    done = dist.on_main(lambda: read_done(samples_path, n, log), "read the samples done")
 
     params, mcfg, tok, _ = load_model(cfg, mesh, progress, model_dir=model_dir, tokenizer=tok, rules=rules)
     sc = dataclasses.replace(cfg.sampling, stop_token_ids=stops)
@@ -466,15 +470,16 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     bar = tqdm(total=len(todo_items) * n, unit="sample", disable=not progress, dynamic_ncols=True)
     t0, counts = time.time(), {"tokens": 0, "samples": 0}
     try:
-        with samples_path.open("a") as f:
+        with (samples_path.open("a") if dist.is_main() else open(os.devnull, "w")) as f:
             def write(batch, i, out):  # all n samples of problem batch[i] are finished
                 name, idx, r = items[batch[i]]
                 reasons = out.finish_reason_str
                 lines = []
-                for row in range(n):
+                texts = [tok.decode(out.tokens[row, :int(out.lengths[row])].tolist(), skip_special_tokens=True)
+                         for row in range(n)]
+                grades = dist.shared_map(lambda t: grade(t, r["answer"], method=cfg.grader), texts, "grades")
+                for row, (text, g) in enumerate(zip(texts, grades)):  # each sample graded once, on one process
                     length = int(out.lengths[row])
-                    text = tok.decode(out.tokens[row, :length].tolist(), skip_special_tokens=True)
-                    g = grade(text, r["answer"], method=cfg.grader)
                     lines.append(json.dumps({
                         "benchmark": name, "problem_index": idx, "sample_index": row, "prompt": r["problem"],
                         "response": text, "answer": r["answer"], "extracted": g.extracted,
@@ -508,11 +513,16 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
         raise EvalInterrupted(samples_path, (total - len(todo_items)) * n + counts["samples"], hint) from None
     finally:
         bar.close()
-    results = summarize_file(samples_path, n)
-    results["key"] = key_hash(key)
-    results["output_dir"] = str(out_dir)
-    results["config"] = config.to_dict(cfg)
-    _write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
+
+    def score() -> dict:
+        results = summarize_file(samples_path, n)
+        results["key"] = key_hash(key)
+        results["output_dir"] = str(out_dir)
+        results["config"] = config.to_dict(cfg)
+        _write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
+        return results
+
+    results = dist.on_main(score, "score the samples")
     log(format_table(results))
     log(f"samples: {samples_path}\nscores: {out_dir / RESULTS_FILE}\nsettings: {out_dir / KEY_FILE}")
     return results
@@ -536,7 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config.help_text(EvalConfig))
         return 0
     try:
-        evaluate(parse_args(argv))
+        cfg = parse_args(argv)
+        dist.initialize(cfg.dist)  # before anything touches a device
+        evaluate(cfg)
     except KeyboardInterrupt as e:
         if isinstance(e, EvalInterrupted):
             msg = (f"interrupted; the {e.n_written} samples written so far are kept in {e.samples_path}; "
@@ -546,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jsdr.eval: {msg}", file=sys.stderr)
         return 130
     except (JsdrError, OSError) as e:
-        line, code = error_line("jsdr.eval", e)
+        line, code = error_line("jsdr.eval" + dist.who(), e)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             line += "; the samples written so far are kept: free some space and run the same command again to resume"
         print(line, file=sys.stderr)

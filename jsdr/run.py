@@ -99,10 +99,19 @@ def merge_adapter(model: OpenedModel, adapter_dir: str) -> Params:
 def place_batch(batch: Any, mesh: Mesh, leading: int = 0, rules: dict | None = None) -> Any:
     """Host arrays -> device arrays, each split along axis `leading` (1 for [grad_accum, micro, ...]
     step batches) as the rules lay out "act_batch" (default: over the data-parallel axes data and
-    fsdp) and replicated along the rest. None leaves stay None."""
+    fsdp) and replicated along the rest. None leaves stay None.
+
+    Every process holds the same host batch (the host logic is replicated, SPMD) and places only the
+    rows of its own devices (`make_array_from_callback`): nothing crosses processes here."""
     spec = sharding.logical_to_spec(("act_batch",), None, mesh, rules or sharding.DEFAULT_RULES)
     placed = NamedSharding(mesh, PartitionSpec(*((None,) * leading), *spec))
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), placed), batch)
+
+    def put(x):
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            return jax.device_put(x, placed)
+        return jax.make_array_from_callback(x.shape, placed, lambda index: x[index], dtype=x.dtype)
+    return jax.tree.map(put, batch)
 
 
 def decode(tokenizer, tokens: np.ndarray, lengths: Sequence[int]) -> list[str]:

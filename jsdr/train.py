@@ -672,8 +672,8 @@ class Trainer:
                 failures.append(str(e) + ("" if failures else f"; the adapter in {self.run_dir / 'adapter'} "
                                                                f"holds the trained weights"))
             try:
-                if dist.is_main():
-                    (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                dist.on_main(lambda: (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2)),
+                             "write summary.json")
             except OSError as e:
                 failures.append(f"{self.run_dir / 'summary.json'}: {e}")
             if failures:
