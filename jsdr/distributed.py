@@ -9,6 +9,7 @@ building), which therefore makes the same decisions everywhere. This module hold
     fetch(tree)                   host numpy of any array, also one whose shards live on other hosts
     on_main(fn)                   fn runs on process 0 only; its result (or its error) reaches all
     shared_map(fn, items)         each item computed once, on one process; every process gets all results
+    OwnedRecords(records, fn)     a data set prepared (tokenized) and held in shares; take() gathers a step's
     agree(value, min)             one value for all processes (e.g. a memory budget read per device)
     barrier(name)                 wait for every process (with a timeout, never forever)
 
@@ -24,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -68,7 +70,7 @@ class DistConfig:
             check(getattr(self, k) > 0, k, "must be > 0 seconds")
 
 
-_STATE = {"timeout": 1800, "calls": 0}
+_STATE: dict = {"timeout": 1800, "calls": 0, "mine": []}
 
 
 def detected_launcher() -> str | None:
@@ -95,8 +97,8 @@ def initialize(cfg: DistConfig = DistConfig(), log=print) -> bool:
             return False
     elif cfg.num_processes == 1:
         return False
-    if _platform() == "cpu":  # cross-process collectives on CPU go through gloo
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # cross-process collectives of CPU devices go through gloo (GPUs use NCCL whatever this says)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(initialization_timeout=cfg.init_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     try:
         if cfg.coordinator is None:
@@ -111,11 +113,6 @@ def initialize(cfg: DistConfig = DistConfig(), log=print) -> bool:
         log(f"jsdr: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} on this process), coordinator {cfg.coordinator or launcher}")
     return jax.process_count() > 1
-
-
-def _platform() -> str:
-    plats = os.environ.get("JAX_PLATFORMS", "") or os.environ.get("JAX_PLATFORM_NAME", "")
-    return plats.split(",")[0].strip().lower() if plats else ""
 
 
 def _client():
@@ -257,13 +254,12 @@ def shared_map(fn: Callable[[Any], Any], items: Sequence[Any], name: str = "shar
     P = process_count()
     if P == 1:
         return [fn(x) for x in items]
-    key, me = _key(name), process_index()
+    me = process_index()
     try:
         mine = ("ok", [fn(x) for x in items[me::P]])
     except Exception as e:  # noqa: BLE001
         mine = ("err", _Failed(e))
-    _client().key_value_set_bytes(f"{key}/{me}", pickle.dumps(mine))
-    parts = [mine if p == me else pickle.loads(_get(f"{key}/{p}", name)) for p in range(P)]
+    parts = _all_gather(mine, name)
     for kind, value in parts:
         if kind == "err":
             _raise(value)
@@ -271,6 +267,60 @@ def shared_map(fn: Callable[[Any], Any], items: Sequence[Any], name: str = "shar
     for p, (_, values) in enumerate(parts):
         out[p::P] = values
     return out
+
+
+def _all_gather(value: Any, name: str) -> list:
+    """[value of process 0, value of process 1, ...] on every process (values must pickle)."""
+    key, me = _key(name), process_index()
+    _client().key_value_set_bytes(f"{key}/{me}", pickle.dumps(value))
+    parts = [value if p == me else pickle.loads(_get(f"{key}/{p}", name)) for p in range(process_count())]
+    # every other process has now set its part of this exchange, so it has read all parts of the
+    # previous ones: this process's earlier values can go (the service keeps values until deleted)
+    for old in _STATE["mine"]:
+        try:
+            _client().key_value_delete(old)
+        except Exception:  # noqa: BLE001 - already gone: nothing to free
+            pass
+    _STATE["mine"] = [f"{key}/{me}"]
+    return parts
+
+
+class OwnedRecords(Sequence):
+    """The records that `prepare` keeps (in their order), prepared by one process each and held there.
+
+    Record i of `records` is prepared (tokenized) by process i mod count, which keeps the result;
+    the others keep nothing of it. Which records are kept (prepare returned a dict, not None) is
+    exchanged once, so every process knows the whole order: `len()` and positions are the same as a
+    single process's list of kept records. `take(positions)` brings the records at those positions
+    to every process (the owners send theirs): one exchange per optimizer step. With one process it
+    is a plain list.
+    """
+
+    def __init__(self, records: Sequence[dict], prepare: Callable[[dict], dict | None], progress=None):
+        P, me = process_count(), process_index()
+        mine = range(me, len(records), P)
+        it = progress(mine) if progress is not None else mine
+        self._own = {i: out for i in it if (out := prepare(records[i])) is not None}
+        kept = _all_gather(sorted(self._own), "kept records") if P > 1 else [sorted(self._own)]
+        self._index = sorted(i for part in kept for i in part)  # original indices, in order
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return self.take(range(*position.indices(len(self))))
+        return self.take([position])[0]
+
+    def take(self, positions: Sequence[int]) -> list[dict]:
+        wanted = [self._index[p] for p in positions]
+        if process_count() == 1:
+            return [self._own[i] for i in wanted]
+        held = {i: self._own[i] for i in dict.fromkeys(wanted) if i in self._own}
+        merged: dict = {}
+        for part in _all_gather(held, "step records"):
+            merged.update(part)
+        return [merged[i] for i in wanted]
 
 
 def agree(value: Any, reduce: Callable[[list], Any] = min, name: str = "agree") -> Any:

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -67,6 +68,8 @@ class Target:
     hbm_bw: float  # bytes/s
     link_bw: float  # bytes/s per device, one direction (NVLink)
     device: dict | None = None  # XLA GPU device description; None = CPU only
+    internode_bw: float = 50e9  # bytes/s per device between hosts (one 400 Gb/s NIC per GPU)
+    hosts: int = 1  # the devices are spread over this many hosts (consecutive devices of the mesh per host)
 
     def gpu_spec(self) -> str:
         """The target in XLA's GpuTargetConfig text form (for compile-only CUDA devices)."""
@@ -92,9 +95,9 @@ _HOPPER = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_
 
 TARGETS = {
     "a100-40gb": Target("a100-40gb", 40 * GIB, 312e12, 1.555e12, 300e9,
-                        dict(_AMPERE, memory_bandwidth=1555000000000, name="NVIDIA A100-SXM4-40GB")),
+                        dict(_AMPERE, memory_bandwidth=1555000000000, name="NVIDIA A100-SXM4-40GB"), 25e9),
     "a100-80gb": Target("a100-80gb", 80 * GIB, 312e12, 2.039e12, 300e9,
-                        dict(_AMPERE, memory_bandwidth=2039000000000, name="NVIDIA A100-SXM4-80GB")),
+                        dict(_AMPERE, memory_bandwidth=2039000000000, name="NVIDIA A100-SXM4-80GB"), 25e9),
     "h100-80gb": Target("h100-80gb", 80 * GIB, 989e12, 3.35e12, 450e9,
                         dict(_HOPPER, memory_bandwidth=3352320000000, name="NVIDIA H100 80GB HBM3")),
 }
@@ -206,6 +209,66 @@ _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # metadata strings (op_name, source_
 _ASYNC_FOLLOW_UP = re.compile(r"\sasync-(?:update|done)\(")  # they name the computation their start runs
 _FEEDS_WEIGHT = re.compile(r'op_name="[^"]*(?:dot_general|/gather)')  # a matmul's or a take's operand
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# who talks to whom: explicit groups {{0,1},{2,3}}, all devices {}, XLA's iota form [2,8]<=[16] (with a
+# transpose: [8,2]<=[2,8]T(1,0)), or a collective-permute's pairs
+_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=(\{\}|\{\{[\d,{} ]*\}\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
+_IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# newer XLA: named mesh axes, the device at each mesh position, the axes the collective runs over:
+# replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+                          r"\s*\{([^}]*)\}")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _mesh_groups(m: re.Match) -> list[list[int]]:
+    axes = [(name.strip().strip("'"), int(size)) for name, size in
+            (a.split("=") for a in m.group(1).split(",") if a.strip())]
+    sizes = [s for _, s in axes]
+    ids = np.arange(math.prod(sizes))
+    if m.group(2):
+        ids = ids.reshape(_ints(m.group(2)))
+        if m.group(3):
+            ids = ids.transpose(_ints(m.group(3)))
+    ids = ids.reshape(sizes)
+    over = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in m.group(4)]
+    rest = [i for i in range(len(axes)) if i not in over]
+    group = math.prod(sizes[i] for i in over)
+    return ids.transpose(rest + over).reshape(-1, group).tolist()
+
+
+def _groups(line: str, devices: int) -> list[list[int]] | None:
+    """The device groups of a collective's HLO line (positions in the mesh's device order), or None
+    when the line names none."""
+    mm = _MESH_GROUPS.search(line)
+    if mm:
+        return _mesh_groups(mm)
+    m = _GROUPS.search(line)
+    if not m:
+        return None
+    text = m.group(1)
+    if text == "{}":
+        return [list(range(devices))]
+    if text.startswith("{"):
+        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d, ]*)\}", text)]
+    shape, dims, perm = _IOTA.match(text).groups()
+    ids = np.arange(math.prod(_ints(dims))).reshape(_ints(dims))
+    if perm:
+        ids = ids.transpose(_ints(perm))
+    return ids.reshape(_ints(shape)).tolist()
+
+
+def _crosses_hosts(line: str, devices: int, hosts: int) -> bool:
+    """Whether a collective's groups span more than one host (hosts hold consecutive devices)."""
+    if hosts <= 1:
+        return False
+    per_host = max(devices // hosts, 1)
+    groups = _groups(line, devices)
+    if groups is None:  # no groups named: every device
+        return True
+    return any(len({d // per_host for d in g}) > 1 for g in groups)
 
 
 def _tuple_parts(text: str) -> list[str]:
@@ -300,10 +363,12 @@ def _call_weights(comps: dict[str, list[str]], entry: str, unknown_trip: int) ->
     return {name: outside[name] + inside[name] for name in reach}
 
 
-def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str, dict[str, int]]:
+def _tally(hlo: str, unknown_trip: int, weights: set | None = None, devices: int = 1,
+           hosts: int = 1) -> dict[str, dict[str, int]]:
     """collectives() and, with `weights` (see weight_shapes), under "weight_all_gather" the all-gathers
     of weights: for a matmul or a take (their op_name) with a result of a weight's dtype and shape (an
-    op gathering several arrays counts once, with the bytes of its weight arrays)."""
+    op gathering several arrays counts once, with the bytes of its weight arrays); with `hosts` > 1,
+    under "cross_host" the collectives whose device groups span hosts."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -319,7 +384,7 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
     if entry is None:
         return {}
     weight = _call_weights(comps, entry, unknown_trip)
-    out = {k: {"count": 0, "bytes": 0} for k in (*_COLLECTIVES, "weight_all_gather")}
+    out = {k: {"count": 0, "bytes": 0} for k in (*_COLLECTIVES, "weight_all_gather", "cross_host")}
     for name, lines in comps.items():
         w = weight.get(name, 0)  # 0: not reached from the entry computation
         if not w:
@@ -334,6 +399,9 @@ def _tally(hlo: str, unknown_trip: int, weights: set | None = None) -> dict[str,
                     arrays = _results(kind, bool(m.group(1)), rhs.split(f" {kind}", 1)[0])
                     out[kind]["count"] += w
                     out[kind]["bytes"] += w * sum(_array_bytes(*a) for a in arrays)
+                    if _crosses_hosts(rhs, devices, hosts):
+                        out["cross_host"]["count"] += w
+                        out["cross_host"]["bytes"] += w * sum(_array_bytes(*a) for a in arrays)
                     hit = [a for a in arrays if weights and a in weights]
                     if kind == "all-gather" and hit and _FEEDS_WEIGHT.search(line):
                         out["weight_all_gather"]["count"] += w
@@ -349,7 +417,14 @@ def collectives(hlo: str, unknown_trip: int = 1) -> dict[str, dict[str, int]]:
     such as the sampler's threshold search, counts once per outer iteration). Both branches of a conditional
     are counted (an upper bound). Bytes are the result sizes per device (an all-gather's gathered
     output, an all-reduce's buffer; all of them for a combined op)."""
-    return {k: v for k, v in _tally(hlo, unknown_trip).items() if k != "weight_all_gather"}
+    return {k: v for k, v in _tally(hlo, unknown_trip).items() if k not in ("weight_all_gather", "cross_host")}
+
+
+def cross_host(hlo: str, devices: int, hosts: int, unknown_trip: int = 1) -> dict[str, int]:
+    """{"count", "bytes"} of the collectives (counted as collectives() does) whose device groups span
+    more than one of `hosts` hosts, each holding devices/hosts consecutive devices of the mesh order
+    (as jax lays out the processes of a multi-host run): the traffic that leaves a node."""
+    return _tally(hlo, unknown_trip, devices=devices, hosts=hosts).get("cross_host", {"count": 0, "bytes": 0})
 
 
 def loop_step_collectives(hlo: str, weights: set | None = None) -> dict[str, dict[str, int]]:
@@ -455,12 +530,17 @@ class Row:
     run_mesh: dict = dataclasses.field(default_factory=dict)  # the mesh the program runs on
     step_collectives: dict = dataclasses.field(default_factory=dict)  # decode programs: per decode step
     paged: dict = dataclasses.field(default_factory=dict)  # paged engine: layout and KV pool facts
+    cross_host: dict = dataclasses.field(default_factory=dict)  # --hosts > 1: collectives that leave a host
 
 
-def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float):
-    """(step time, MFU, terms): the slowest of compute, HBM and interconnect (assumed overlapped)."""
+def _roofline(target: Target, flops: float, hbm_bytes: float, comm: dict, model_flops: float,
+              cross: int = 0):
+    """(step time, MFU, terms): the slowest of compute, HBM and interconnect (assumed overlapped);
+    `cross`: bytes of the collectives that leave a host, at the inter-node bandwidth."""
     terms = {"compute_s": flops / target.peak_flops, "hbm_s": hbm_bytes / target.hbm_bw,
              "interconnect_s": sum(v["bytes"] for v in comm.values()) / target.link_bw}
+    if target.hosts > 1:
+        terms["internode_s"] = cross / target.internode_bw
     t = max(max(terms.values()), 1e-9)
     return t, (model_flops / (t * target.peak_flops) if model_flops else 0.0), terms
 
@@ -493,15 +573,17 @@ def _analyse(name: str, compiled, groups: dict[str, Any], target: Target, base: 
     hlo = compiled.as_text()
     comm = collectives(hlo, unknown_trip=loops)
     step = loop_step_collectives(hlo, weights) if weights is not None else {}
+    cross = cross_host(hlo, base["devices"], target.hosts, unknown_trip=loops) if target.hosts > 1 else {}
     # HBM: every argument, temporary and output touched once per loop iteration (decode: per token), but
     # the `unread` argument (donated: its output too)
-    est, mfu, terms = _roofline(target, flops, (args_total + temp + out - 2 * unread) * loops, comm, flops)
+    est, mfu, terms = _roofline(target, flops, (args_total + temp + out - 2 * unread) * loops, comm, flops,
+                                cross.get("bytes", 0))
     fields = {k: v for k, v in base.items() if k != "devices"}
     fields.setdefault("run_mesh", dict(base["mesh"]))
     fields["notes"] = list(fields.get("notes", ()))  # a row's own list
     return Row(program=name, bytes_per_device=b, hbm_bytes=target.hbm_bytes, fits=total <= target.hbm_bytes, terms=terms,
                flops=flops, collectives=comm, est_step_s=est, est_mfu=mfu, flops_source=source,
-               model_flops=model_flops, step_collectives=step, **fields)
+               model_flops=model_flops, step_collectives=step, cross_host=cross, **fields)
 
 
 def _train_flops(mcfg, tokens: int, seq: int, forwards: int = 1) -> float:
@@ -809,6 +891,9 @@ def format_table(rows: Sequence[Row]) -> str:
     head = (f"{'layout':<22} {'engine':<6} {'remat':<6} {'program':<16} {'params':>7} {'lora':>6} {'opt':>6} "
             f"{'batch':>6} {'held':>6} {'kvpool':>7} {'temp':>7} {'total':>7} {'HBM':>5} {'%HBM':>5} {'fits':<4} "
             f"{'coll GiB':>8} {'est s':>8} {'MFU<=':>5}")
+    hosts = any(r.cross_host for r in rows)
+    if hosts:  # --hosts > 1: the collectives' bytes that leave a host
+        head += f" {'xhost GiB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r.bytes_per_device
@@ -821,7 +906,8 @@ def format_table(rows: Sequence[Row]) -> str:
                      f"{b.get('resident', 0) / GIB:6.2f} "
                      f"{b.get('kv_pool', 0) / GIB:7.2f} {b['temp'] / GIB:7.2f} {b['total'] / GIB:7.2f} "
                      f"{r.hbm_bytes / GIB:5.0f} {b['total'] / r.hbm_bytes:5.0%} {'yes' if r.fits else 'NO':<4} "
-                     f"{coll:8.2f} {r.est_step_s:8.3f} {r.est_mfu:5.2f}")
+                     f"{coll:8.2f} {r.est_step_s:8.3f} {r.est_mfu:5.2f}"
+                     + (f" {r.cross_host.get('bytes', 0) / GIB:9.2f}" if hosts else ""))
     return "\n".join(lines)
 
 
@@ -893,6 +979,10 @@ def _args(argv: Sequence[str]):
                                     f"default: the config's model.path")
     ap.add_argument("--devices", type=int, default=8, help="devices to plan for (default 8)")
     ap.add_argument("--target", default="h100-80gb", choices=sorted(TARGETS), help="device type (default h100-80gb)")
+    ap.add_argument("--hosts", type=int, default=1,
+                    help="the devices are on this many hosts (each with devices/hosts consecutive devices of the "
+                         "mesh): report the bytes of collectives that leave a host ('xhost GiB') and time them at "
+                         "the inter-node bandwidth")
     ap.add_argument("--layouts", nargs="*", help='mesh shapes, e.g. "fsdp=8" "data=2,fsdp=4" (default: the config\'s)')
     ap.add_argument("--remat", help="comma-separated remat policies (default: the config's)")
     ap.add_argument("--cpu", action="store_true", help="use the CPU compiler even when the GPU one is available")
@@ -943,8 +1033,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     compilers = {r.compiler for r in rows}
     why = f" (no GPU compiler: {WHY_CPU[0]})" if WHY_CPU else ""
     print(f"\nfigures from the {'GPU compiler' if compilers == {'gpu'} else 'CPU compiler (an estimate for the GPU)' + why}"
-          f" for {args.devices} x {args.target}; est s = roofline step time (max of compute, HBM and "
-          f"interconnect terms)")
+          f" for {args.devices} x {args.target}"
+          + (f" on {args.hosts} hosts" if args.hosts > 1 else "")
+          + "; est s = roofline step time (max of compute, HBM and interconnect terms"
+          + (f"; xhost GiB: collectives leaving a host, at {TARGETS[args.target].internode_bw / 1e9:.0f} GB/s "
+             f"per device)" if args.hosts > 1 else ")"))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         print(f"wrote {args.json}")
@@ -960,6 +1053,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_plan(args, rest: Sequence[str]) -> list[Row]:
     target = TARGETS[args.target]
+    if args.hosts < 1 or args.devices % args.hosts:
+        raise PlanError(f"--hosts {args.hosts}: must be a positive divisor of --devices ({args.devices})")
+    target = dataclasses.replace(target, hosts=args.hosts)
     layouts = [parse_layout(x) for x in (args.layouts or [])]
     for lay in layouts:
         if math.prod(lay.values()) != args.devices:

@@ -409,7 +409,7 @@ class Trainer:
             lora = init_lora(self.mcfg, cfg.lora, jax.random.key(cfg.seed), mesh=self.mesh)
         self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.state = init_train_state(self.optimizer, lora, self.mesh, ema=self.method.ema_decay is not None)
-        self.records = self._prepare(self._load_records())
+        self.records = self._prepare(self._load_records())  # only this process's share is kept
         self.eval_records = self._load_eval_records()
         self._step_fn = None
         self.rollout_tokens = 0
@@ -436,17 +436,25 @@ class Trainer:
             return toy.toy_benchmark(d.eval_limit, split="validation" if d.eval.endswith("validation") else "test")
         return load_records(d.eval, split=d.eval_split, fields=d.fields(), limit=d.eval_limit)
 
-    def _prepare(self, records: list[dict]) -> list[dict]:
-        """Tokenize what the method needs once; count (and log) the examples it drops or truncates."""
+    def _prepare(self, records: list[dict]) -> dist.OwnedRecords:
+        """Tokenize what the method needs once; count (and log) the examples it drops or truncates. With
+        several processes each tokenizes and holds its share (dist.OwnedRecords)."""
         d = self.cfg.data
-        out, dropped, truncated = [], 0, 0
-        for r in tqdm(records, desc="tokenizing", unit="ex", disable=not self.progress or len(records) < 2000):
+        counts = {"dropped": 0, "truncated": 0}
+
+        def prepare(r: dict) -> dict | None:
             prepared = self.method.prepare(r)
             if prepared is None:
-                dropped += 1
-                continue
-            truncated += bool(prepared.pop("truncated", False))
-            out.append(prepared)
+                counts["dropped"] += 1
+                return None
+            counts["truncated"] += bool(prepared.pop("truncated", False))
+            return prepared
+
+        bar = None if not self.progress or len(records) < 2000 else \
+            (lambda it: tqdm(it, desc="tokenizing", unit="ex"))
+        out = dist.OwnedRecords(records, prepare, progress=bar)
+        dropped, truncated = dist.agree((counts["dropped"], counts["truncated"]),
+                                        lambda v: tuple(map(sum, zip(*v))), "drop counts")
         if dropped or truncated:
             self.log(f"data: {dropped} of {len(records)} examples dropped and {truncated} truncated "
                      f"(longer than {self.method.length_limit}; data.overlong={d.overlong})")
@@ -458,7 +466,7 @@ class Trainer:
     def take(self, step: int) -> list[dict]:
         """The records of optimizer step `step` (a pure function of step, seed and data size)."""
         idx = record_indices(len(self.records), step, self.records_per_step, self.cfg.seed, self.cfg.data.shuffle)
-        return [self.records[i] for i in idx]
+        return self.records.take(idx)
 
     # -- sampling and held-out evaluation --------------------------------------------------------
 

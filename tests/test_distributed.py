@@ -68,6 +68,8 @@ def test_single_process_is_the_plain_operation():
         dist.on_main(lambda: (_ for _ in ()).throw(RunError("boom")))
     assert dist.shared_map(lambda v: v * v, [1, 2, 3]) == [1, 4, 9]
     assert dist.agree(4, min) == 4
+    owned = dist.OwnedRecords([{"i": i} for i in range(5)], lambda r: r if r["i"] != 2 else None)
+    assert len(owned) == 4 and [r["i"] for r in owned.take([3, 0])] == [4, 0] and owned[1]["i"] == 1
     dist.barrier("x")
     log = []
     dist.quiet_unless_main(log.append)("hi")
@@ -105,6 +107,11 @@ SCRIPT = textwrap.dedent("""
     assert dist.shared_map(lambda v: (v, dist.process_index()), list(range(5))) == \\
         [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
     assert dist.agree(10 + pid, min) == 10 and dist.agree(10 + pid, max) == 11
+    recs = [{"i": i, "keep": i % 3 != 0} for i in range(10)]  # kept: 1, 2, 4, 5, 7, 8
+    owned = dist.OwnedRecords(recs, lambda r: dict(r, by=dist.process_index()) if r["keep"] else None)
+    assert len(owned) == 6 and sorted(owned._own) == ([2, 4, 8] if pid == 0 else [1, 5, 7])
+    got = owned.take([5, 0, 3, 5])
+    assert [g["i"] for g in got] == [8, 1, 5, 8] and [g["by"] for g in got] == [0, 1, 1, 0], got
     dist.barrier("before the timeout")
     if pid == 1:  # process 0 never answers this exchange: a RunError after dist.timeout, not a hang
         t = time.time()

@@ -104,6 +104,42 @@ def test_collectives_are_read_from_the_compiled_program():
     assert found["all-gather"]["bytes"] >= 512 * 512 * 4  # the gathered weight
 
 
+def test_device_groups_in_every_hlo_form():
+    # explicit, all devices, iota, transposed iota, pairs, and the named-mesh form of newer XLA
+    assert plan._groups("x = all-gather(y), replica_groups={{0,1},{2,3}}", 4) == [[0, 1], [2, 3]]
+    assert plan._groups("x = all-reduce(y), replica_groups={}", 4) == [[0, 1, 2, 3]]
+    assert plan._groups("x = all-gather(y), replica_groups=[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert plan._groups("x = all-gather(y), replica_groups=[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert plan._groups("x = collective-permute(y), source_target_pairs={{0,1},{1,0}}", 2) == [[0, 1], [1, 0]]
+    line = ("x = all-gather(y), replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) "
+            "{'axis_2'}, dimensions={0}")
+    assert plan._groups(line, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert plan._groups(line.replace("{'axis_2'}", "{'axis_0'}"), 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert plan._groups("x = add(y, z)", 8) is None
+    assert plan._crosses_hosts(line, 8, 2) and not plan._crosses_hosts(line.replace("{'axis_2'}", "{'axis_0'}"), 8, 2)
+    assert not plan._crosses_hosts(line, 8, 1)
+
+
+def test_cross_host_bytes_of_a_two_host_layout():
+    """data=2 across 2 hosts, fsdp=4 within each: the weight all-gather and the fsdp reduction stay in a
+    host, only the data-parallel reduction of the gradient leaves it; under fsdp=8 the gather leaves too."""
+    devices, _ = plan.compile_devices(None, 8)
+
+    def program(shape):
+        mesh = sharding.make_mesh(shape, devices)
+        w = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+        x = jax.ShapeDtypeStruct((16, 64), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+        grad = jax.grad(lambda w, x: ((x @ w) ** 2).sum())
+        return jax.jit(grad, out_shardings=NamedSharding(mesh, PartitionSpec("fsdp"))).lower(w, x).compile().as_text()
+
+    hsdp, fsdp = program((2, 4, 1)), program((1, 8, 1))
+    total = sum(v["bytes"] for v in plan.collectives(hsdp).values())
+    cross = plan.cross_host(hsdp, 8, 2)
+    assert 0 < cross["bytes"] < total and cross["count"] == 1
+    assert plan.cross_host(hsdp, 8, 1)["bytes"] == 0
+    assert plan.cross_host(fsdp, 8, 2)["bytes"] == sum(v["bytes"] for v in plan.collectives(fsdp).values())
+
+
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the CUDA plugin (jsdr[plan]) is not installed")
 def test_gpu_compiler_on_compile_only_devices(toy_tiny_assets, tmp_path):
     """8 compile-only H100s: the loop's all-gather is counted once per iteration (trip count 5), and the
@@ -140,6 +176,8 @@ def test_cli_errors_are_clear(capsys):
     assert "data x fsdp x tensor = 4, but --devices is 8" in capsys.readouterr().err
     assert plan.main(["--layouts", "fsdp=8,pipe=2"]) == 2
     assert "is not AXIS=SIZE" in capsys.readouterr().err
+    assert plan.main(["--eval", "--model", "qwen3-8b", "--hosts", "3"]) == 2
+    assert "--hosts 3: must be a positive divisor of --devices (8)" in capsys.readouterr().err
     assert plan.main(["--eval", "--model", "gpt-5"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'gpt-5'" in err and "qwen3-8b" in err

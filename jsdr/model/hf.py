@@ -447,7 +447,8 @@ def load_params(path_or_id: str, mesh: Mesh | None = None, dtype=jnp.float32, ru
                 return np.stack(parts).astype(np_dtype, copy=False)
             return _read_one(index, decl.hf_name, decl.transpose, idx).astype(np_dtype, copy=False)
 
-        _set(params, decl.path, jax.make_array_from_callback(shape, sharding, read))
+        # read() runs only for this process's devices: a host reads the slices of its own shards
+        _set(params, decl.path, jax.make_array_from_callback(shape, sharding, read, dtype=np_dtype))
     return params, cfg, hf
 
 
