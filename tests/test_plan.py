@@ -171,6 +171,44 @@ def test_gpu_compiler_on_compile_only_devices(toy_tiny_assets, tmp_path):
     assert all(r.paged["temp_growth"] < 0.1 * r.paged["pool_bytes"] and not r.notes for r in paged)
 
 
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the CUDA plugin (jsdr[plan]) is not installed")
+def test_gpu_decode_programs_do_not_copy_the_layer_weights_per_token():
+    """XLA's GPU dot merger fuses q/k/v (and gate/up) into one matmul by concatenating their weights;
+    inside the decode loop that copy would run at every token. The decode programs of both engines,
+    compiled for an H100, hold no concatenation of weight matrices (DECODE_COMPILER_OPTIONS), while the
+    same program compiled without the option does (so the check can fail)."""
+    import re
+
+    from jsdr.model.transformer import Model
+    from jsdr.sampling import Sampler
+    from jsdr.sampling import config as sampling_config
+
+    devices, compiler = plan.compile_devices(plan.TARGETS["h100-80gb"], 1)
+    assert compiler == "gpu"
+    mcfg = ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8,
+                       num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
+    mesh = sharding.make_mesh((1, 1, 1), devices=devices)
+    params = plan.abstract_params(mcfg, mesh, sharding.DEFAULT_RULES, jnp.bfloat16)
+    sc = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=64, max_slots=8)
+    weights = {(512, 512 + 2 * 256), (512, 2 * 1536)}  # [E, q+k+v] and [E, gate+up]
+
+    def concatenated_weights(hlo):
+        return {tuple(map(int, m.group(1).split(","))) for m in
+                re.finditer(r"= bf16\[([\d,]+)\]\{[\d,]*\} concatenate\(", hlo)} & weights
+
+    sampler = Sampler(Model(mcfg, dtype="bfloat16"), pad_id=0, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    dense = sampler.compile_programs(params, None, 4, 32, sc)["decode"].as_text()
+    paged = sampler.compile_paged(params, None, 4, 32, sc)["decode"].as_text()
+    assert not concatenated_weights(dense) and not concatenated_weights(paged)
+    merged = jax.jit(sampler.dense._decode_impl, static_argnames=("n", "max_new", "greedy", "filtered", "penalty"))
+    original, sampler.dense._decode = sampler.dense._decode, merged
+    try:
+        assert concatenated_weights(sampler.compile_programs(params, None, 4, 32, sc)["decode"].as_text())
+    finally:
+        sampler.dense._decode = original
+    assert sampling_config.DECODE_COMPILER_OPTIONS == {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
 def test_cli_errors_are_clear(capsys):
     assert plan.main(["--layouts", "fsdp=4", "--devices", "8", "--model", "qwen3-8b", "--eval"]) == 2
     assert "data x fsdp x tensor = 4, but --devices is 8" in capsys.readouterr().err

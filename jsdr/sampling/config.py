@@ -21,6 +21,12 @@ FINISH_REASONS = ("stop", "length")
 ENGINES = ("paged", "dense")
 ENGINE_FIELDS = ("engine", "page_size", "kv_cache_gb", "kv_cache_fraction", "max_slots", "decode_steps",
                  "prefill_chunk", "decode_tensor")
+# Compiler options of the decode programs. On GPU, XLA's dot merger fuses the q/k/v projections (and
+# gate/up) of a layer into one matmul by concatenating their weights: inside the decode loop that copy
+# of the layer's weights runs at every token (64 MiB per layer and token at Qwen3-1.7B, more bytes
+# moved than the matmuls themselves read). A threshold of 0 turns the merger off; other backends
+# ignore the option.
+DECODE_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 STOP_WINDOW_SLACK = 8  # tokens beyond the longest stop string (in characters) that a stop match may span
 
 

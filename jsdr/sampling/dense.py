@@ -26,7 +26,7 @@ import numpy as np
 from jsdr import distributed as dist
 from jsdr import sharding
 from jsdr.model.transformer import CACHE_AXES, CACHE_SEQ_AXIS, Model, init_cache, positions_from_segments
-from jsdr.sampling.config import SampleOutput, SamplingConfig, row_keys
+from jsdr.sampling.config import DECODE_COMPILER_OPTIONS, SampleOutput, SamplingConfig, row_keys
 from jsdr.sampling.filters import FILTER_BOUND, Knobs, knobs_of, sample_logits, stop_id_array
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -127,7 +127,8 @@ class DenseSampler:
         self.prefill_rows = 0  # prompt rows that went through prefill (padding rows included)
         self.decode_rows = 0
         self._prefill = jax.jit(self._prefill_impl)
-        self._decode = jax.jit(self._decode_impl, static_argnames=("n", "max_new", "greedy", "filtered", "penalty"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("n", "max_new", "greedy", "filtered", "penalty"),
+                               compiler_options=DECODE_COMPILER_OPTIONS)
 
     # ----- traced bodies
 

@@ -32,6 +32,7 @@ from jsdr import sharding
 from jsdr.model.attention import PagedKV, _paged_axes, pool_spec
 from jsdr.model.transformer import Model
 from jsdr.sampling.filters import FILTER_BOUND, Knobs, sample_logits
+from jsdr.sampling.config import DECODE_COMPILER_OPTIONS
 
 
 class Slots(NamedTuple):
@@ -91,7 +92,8 @@ class Programs:
         self.num_compiles = 0  # traces of the prefill/decode programs (each trace = one compile)
         self._prefill = jax.jit(self._prefill_impl, donate_argnames=("k_pool", "v_pool"))
         self._decode = jax.jit(self._decode_impl, donate_argnames=("k_pool", "v_pool", "slots"),
-                               static_argnames=("steps", "greedy", "filtered", "penalty"))
+                               static_argnames=("steps", "greedy", "filtered", "penalty"),
+                               compiler_options=DECODE_COMPILER_OPTIONS)
         self._update = jax.jit(self._update_impl, donate_argnames=("slots",))
         self._copy = jax.jit(self._copy_impl, donate_argnames=("k_pool", "v_pool"))
         self._zeros: dict = {}
