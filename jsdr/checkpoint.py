@@ -70,7 +70,7 @@ RUN_FILES = ("metrics.jsonl", "tb", "checkpoints", "adapter", "config.json", "co
 # settings a resume may change freely: they change what is logged, kept or scored, never the trained weights
 RESUME_FREE = frozenset({"train.resume", "train.overwrite", "train.resume_override", "train.log_every",
                          "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.output_dir",
-                         "train.max_nonfinite_steps", "data.eval", "data.eval_split", "data.eval_limit",
+                         "train.max_nonfinite_steps", "train.stop_at", "data.eval", "data.eval_split", "data.eval_limit",
                          "data.eval_max_new_tokens", "data.eval_temperature",
                          # the processes of a run may change between starts (the checkpoint is global arrays)
                          "dist.coordinator", "dist.num_processes", "dist.process_id", "dist.auto",

@@ -4,7 +4,7 @@ Every setting of jsdr is a field of a dataclass with a default and a help text
 (`dataclasses.field(metadata={"help": ...})`). This module knows nothing about the settings
 themselves; it only converts plain data to dataclasses and back:
 
-    cfg = load(TrainConfig, yaml_path="configs/paper/opsd-qwen3-4b-v1.yaml",
+    cfg = load(TrainConfig, yaml_path="configs/paper/opsd-v1-qwen3-4b.yaml",
                overrides=["--optim.learning_rate=5e-6", "--opsd.beta=0"])
 
 - Keys are dotted paths (`optim.learning_rate`); a leaf name that is unique in the whole tree may be
@@ -168,7 +168,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
         d = defaults.get(k)
         if isinstance(v, dict) and dataclasses.is_dataclass(d) and not isinstance(d, type):
             # a partial section keeps the enclosing default's other keys (not the section class's)
-            v = merge_dicts(to_dict(d), v)
+            # (a section whose defaults depend on another key, e.g. prompts.preset, gives its unresolved form)
+            v = merge_dicts(d.as_partial() if hasattr(d, "as_partial") else to_dict(d), v)
         kwargs[k] = convert(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
@@ -277,17 +278,35 @@ def merge_dicts(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+INHERIT = "inherit"
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The options of a YAML file. `inherit: OTHER.yaml` (a path relative to the file) starts from
+    that file's options (itself possibly inheriting) and the file's own options replace them, section
+    by section and key by key (a shared per-method file, per-size files that say only what differs)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} does not exist" + (f" (inherited by {_chain[-1]})" if _chain else ""))
+    if p.resolve() in _chain:
+        raise ConfigError(f"{p}: inherits itself ({' -> '.join(str(c) for c in _chain + (p,))})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of options")
+    parent = data.pop(INHERIT, None)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{p}: {INHERIT}: expected the path of another YAML file, got {parent!r}")
+        data = merge_dicts(read_yaml(p.parent / parent, _chain + (p.resolve(),)), data)
     return data
+
+
+def to_yaml(cfg) -> str:
+    """A configuration as YAML that `load` reads back to the same configuration."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=100, allow_unicode=True)
 
 
 def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -51,7 +51,7 @@ from jsdr import config, run, sharding, toy
 from jsdr import distributed as dist
 from jsdr.config import ConfigError, field
 from jsdr.data.datasets import BENCHMARKS, DataError, load_records, load_spec
-from jsdr.data.prompts import PromptError, PromptTemplates, render_prompt, stop_token_ids, student_messages
+from jsdr.data.prompts import EVAL_TEMPLATE, PromptError, PromptTemplates, render_prompt, stop_token_ids, student_messages
 from jsdr.data.rewards import grade
 from jsdr.errors import JsdrError, RunError, error_line
 from jsdr.metrics import summarize
@@ -81,6 +81,8 @@ class EvalConfig:
     answer_field: str = field("answer", "answer field of local files that are not registered benchmarks")
     limit: int | None = field(None, "only the first N problems of each benchmark")
     thinking: bool = field(True, "Qwen3 thinking mode in the prompt (table 5: on)")
+    prompt: str = field(EVAL_TEMPLATE, "user message of every problem ({problem}); default: the public evaluation "
+                                       "code's, without the training prompts' 'Problem: ' label")
     sampling: SamplingConfig = field(TABLE5, "")
     batch_prompts: int = field(0, "prompts per sampler call (0 = every problem left in one call: the paged engine "
                                   "keeps its slots full; the dense engine then takes 8 per call)")
@@ -99,6 +101,7 @@ class EvalConfig:
 
     def __post_init__(self):
         config.check(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark")
+        config.check("{problem}" in self.prompt, "prompt", "the template must contain {problem}")
         config.check(self.batch_prompts >= 0, "batch_prompts", "must be >= 0 (0 = all in one call)")
         config.check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
         try:
@@ -194,7 +197,6 @@ def _local_or_given(path_or_id: str) -> str:
 def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_dir: str | Path, tokenizer,
              prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], adapter_hash: str | None) -> dict:
     """The settings that produced the samples, as plain JSON data (compared field by field on resume)."""
-    templates = PromptTemplates()
     chat_template = getattr(tokenizer, "chat_template", None)
     key = {
         "format": KEY_FORMAT,
@@ -205,7 +207,7 @@ def eval_key(cfg: EvalConfig, benches: Sequence[tuple[str, list[dict]]], model_d
         "benchmarks": [{"entry": entry, "name": name, "limit": cfg.limit, "problems": len(recs),
                         "sha256": _sha256_json([[str(r["problem"]), str(r["answer"])] for r in recs])}
                        for entry, (name, recs) in zip(cfg.benchmarks, benches)],
-        "prompt": {"template": templates.student, "system": templates.system, "thinking": cfg.thinking,
+        "prompt": {"template": cfg.prompt, "system": None, "thinking": cfg.thinking,
                    "chat_template_sha256": _sha256_json(chat_template),
                    "rendered_sha256": _sha256_json([list(map(int, x)) for x in prompts])},
         "sampling": _sampling_key(cfg.sampling),
@@ -426,9 +428,10 @@ def load_model(cfg: EvalConfig, mesh, progress: bool = True, model_dir: str | Pa
     return params, opened.config, opened.tokenizer, opened.directory
 
 
-def _render_prompts(tok, items, thinking: bool) -> list[list[int]]:
+def _render_prompts(tok, items, thinking: bool, prompt: str = EVAL_TEMPLATE) -> list[list[int]]:
     try:
-        return [render_prompt(tok, student_messages(r["problem"]), thinking) for _, _, r in items]
+        templates = PromptTemplates(student=prompt)
+        return [render_prompt(tok, student_messages(r["problem"], templates), thinking) for _, _, r in items]
     except PromptError as e:  # e.g. a tokenizer without a chat template
         raise CheckpointError(str(e)) from e
 
@@ -442,7 +445,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, log=print) -> dict:
     model_dir = run.model_dir_of(cfg.model, progress)
     tok = hf.load_tokenizer(cfg.tokenizer or model_dir)  # failures: one-line CheckpointErrors
     items = [(name, i, r) for name, recs in benches for i, r in enumerate(recs)]
-    prompts = _render_prompts(tok, items, cfg.thinking)
+    prompts = _render_prompts(tok, items, cfg.thinking, cfg.prompt)
     stops = stop_token_ids(tok, cfg.sampling.stop_token_ids)
     key = eval_key(cfg, benches, model_dir, tok, prompts, stops, adapter_hash)
     out_dir = output_dir_of(cfg, key)

@@ -626,7 +626,7 @@ def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list,
         lshapes = lora_lib.lora_shapes(mcfg, cfg.lora)
         lsh = lora_lib.lora_shardings(mcfg, cfg.lora, mesh, rules)
         lora = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), lshapes, lsh)
-        optimizer, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
+        optimizer, _ = train.make_optimizer(cfg.optim, cfg.train.steps or train.DEFAULT_STEPS)  # its state only
         state_sh = train.train_state_shardings(optimizer, lsh, lora, mesh, ema=method.ema_decay is not None)
         abstract_state = jax.eval_shape(lambda lo: _state_like(optimizer, lo, method.ema_decay is not None), lora)
         state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state,

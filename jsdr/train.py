@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from jsdr.data.prompts import PromptTemplates, render_student, stop_token_ids
 from jsdr.data.rewards import grade
 from jsdr.errors import JsdrError, RunError, error_line
 from jsdr.methods import MethodOptions
+from jsdr.methods.base import LENGTH_OPTIONS
 from jsdr.model.attention import resolve_impl
 from jsdr.model.lora import LoraConfig, init_lora, save_peft
 from jsdr.model.transformer import Model
@@ -50,6 +52,7 @@ from jsdr.sampling import ENGINE_FIELDS, Sampler, SamplingConfig
 # the toy's configs ship inside the package (configs/toy in the repository links to them), so the
 # default command works from an installed wheel too
 TOY_CONFIGS = Path(toy.__file__).resolve().parent / "configs"
+DEFAULT_STEPS = 100  # a run's length when neither train.steps nor train.epochs is given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ class OptimConfig:
     learning_rate: float = field(2e-5, "peak learning rate of AdamW")
     schedule: Literal["constant", "cosine", "linear"] = field("constant", "decay after warmup")
     warmup_steps: int = field(0, "linear warmup steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = field(0.0, "warmup as a fraction of train.steps")
+    warmup_ratio: float = field(0.0, "warmup as a fraction of the run's optimizer steps")
     weight_decay: float = field(0.0, "decoupled weight decay")
     b1: float = field(0.9, "Adam beta1")
     b2: float = field(0.999, "Adam beta2")
@@ -77,7 +80,12 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    steps: int = field(100, "optimizer steps")
+    steps: int | None = field(None, "optimizer steps (None: from train.epochs, else 100)")
+    epochs: float | None = field(None, "passes over the training records, instead of train.steps (the run's steps: "
+                                       "ceil(epochs x records / records per step); the schedule decays over them)")
+    stop_at: int | None = field(None, "end the run after this optimizer step (held-out score, adapter, checkpoint) "
+                                      "while the schedule still spans the whole run (the public OPSD runs decay over "
+                                      "30 epochs and are read at 100-500 steps); resume with a later stop_at")
     per_device_batch: int = field(1, "sequences per data-parallel device per micro-batch (GRPO: completions)")
     grad_accum: int = field(4, "micro-batches accumulated per optimizer step")
     effective_batch: int | None = field(None, "if set, must equal per_device_batch x data-parallel devices x grad_accum")
@@ -96,9 +104,23 @@ class LoopConfig:
     seq_bucket: int = field(64, "sequence lengths are padded to a multiple of this (one compile per bucket)")
 
     def __post_init__(self):
-        for k in ("steps", "per_device_batch", "grad_accum", "log_every", "save_every", "keep_checkpoints",
+        for k in ("per_device_batch", "grad_accum", "log_every", "save_every", "keep_checkpoints",
                   "seq_bucket", "max_nonfinite_steps"):
             check(getattr(self, k) > 0, k, "must be > 0")
+        check(self.steps is None or self.epochs is None, "epochs",
+              f"train.steps={self.steps} and train.epochs={self.epochs} exclude each other: give one")
+        check(self.steps is None or (isinstance(self.steps, int) and self.steps > 0), "steps", "must be > 0")
+        check(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
+        check(self.stop_at is None or (isinstance(self.stop_at, int) and self.stop_at > 0), "stop_at", "must be > 0")
+
+    def total_steps(self, records: int, records_per_batch: int, updates_per_batch: int = 1) -> int:
+        """The run's optimizer steps: train.steps, or enough batches of `records_per_batch` records for
+        train.epochs passes over `records` (each batch trained on for `updates_per_batch` steps), else 100."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            return DEFAULT_STEPS
+        return max(1, math.ceil(self.epochs * records / records_per_batch)) * updates_per_batch
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
 
 
@@ -108,8 +130,9 @@ class TrainConfig(MethodOptions):
     the sections every method shares."""
 
     seed: int = field(0, "seed of LoRA init, data order and sampling")
-    reward: Literal["math_verify", "string"] = field("math_verify", "grader of \\boxed{} answers (GRPO reward, "
-                                                                    "held-out accuracy)")
+    reward: Literal["math_verify", "string", "string_first"] = field(
+        "math_verify", "grader of \\boxed{} answers (GRPO reward, held-out accuracy); string_first: the public GRPO "
+                       "code's v1 reward (first box, lower-cased exact match)")
     model: run.ModelOptions = field(run.ModelOptions(), "")
     lora: LoraConfig = field(LoraConfig(), "")
     data: DataConfig = field(DataConfig(), "")
@@ -402,15 +425,25 @@ class Trainer:
             model=self.model, tokenizer=self.tokenizer, data=cfg.data, prompts=cfg.prompts,
             rollout=dataclasses.replace(cfg.rollout, stop_token_ids=self.stop_ids), options=cfg.method_options(),
             reward=cfg.reward, pad_id=self.pad_id, seq_bucket=cfg.train.seq_bucket, grad_accum=cfg.train.grad_accum,
-            micro_batch=self.micro, data_parallel=dp, sample=self.sample, log=log))
-        self.records_per_step = self.method.records_per_step(self.batch)
+            micro_batch=self.micro, data_parallel=dp, sample=self.sample, log=log,
+            more_records=self._more_records, score=self._score))
+        self.records_per_step = self.method.records_per_step(self.batch)  # records per batch
+        self.records = self._prepare(self._load_records())  # only this process's share is kept
+        self.eval_records = self._load_eval_records()
+        self.updates = self.method.updates_per_batch
+        self.steps = cfg.train.total_steps(len(self.records), self.records_per_step, self.updates)
+        self.end = min(self.steps, cfg.train.stop_at or self.steps)  # where this run ends
+        if cfg.train.epochs is not None:
+            log(f"train.epochs={cfg.train.epochs:g}: {self.steps} optimizer steps ({len(self.records)} records, "
+                f"{self.records_per_step} per batch" + (f", {self.updates} steps per batch" if self.updates > 1 else "")
+                + ")")
 
         with sharding.use_mesh(self.mesh, self.rules):
             lora = init_lora(self.mcfg, cfg.lora, jax.random.key(cfg.seed), mesh=self.mesh)
-        self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.steps)
         self.state = init_train_state(self.optimizer, lora, self.mesh, ema=self.method.ema_decay is not None)
-        self.records = self._prepare(self._load_records())  # only this process's share is kept
-        self.eval_records = self._load_eval_records()
+        self._batch_cache: tuple[int, Any] | None = None  # (batch index, StepBatch) while a batch is reused
+        self._score_fn = None
         self._step_fn = None
         self.rollout_tokens = 0
         self.stop_requested = False
@@ -440,33 +473,74 @@ class Trainer:
         """Tokenize what the method needs once; count (and log) the examples it drops or truncates. With
         several processes each tokenizes and holds its share (dist.OwnedRecords)."""
         d = self.cfg.data
-        counts = {"dropped": 0, "truncated": 0}
+        counts: dict[str, int] = {}  # "dropped/<reason>" and "truncated/<reason>" -> examples
 
         def prepare(r: dict) -> dict | None:
             prepared = self.method.prepare(r)
-            if prepared is None:
-                counts["dropped"] += 1
+            if not isinstance(prepared, dict):  # None or the reason of the drop
+                key = f"dropped/{prepared or self.method.drop_reason}"
+                counts[key] = counts.get(key, 0) + 1
                 return None
-            counts["truncated"] += bool(prepared.pop("truncated", False))
+            cut = prepared.pop("truncated", False)
+            if cut:
+                key = f"truncated/{cut if isinstance(cut, str) else self.method.drop_reason}"
+                counts[key] = counts.get(key, 0) + 1
             return prepared
 
         bar = None if not self.progress or len(records) < 2000 else \
             (lambda it: tqdm(it, desc="tokenizing", unit="ex"))
         out = dist.OwnedRecords(records, prepare, progress=bar)
-        dropped, truncated = dist.agree((counts["dropped"], counts["truncated"]),
-                                        lambda v: tuple(map(sum, zip(*v))), "drop counts")
-        if dropped or truncated:
-            self.log(f"data: {dropped} of {len(records)} examples dropped and {truncated} truncated "
-                     f"(longer than {self.method.length_limit}; data.overlong={d.overlong})")
+        counts = dist.agree(counts, lambda parts: {k: sum(p.get(k, 0) for p in parts)
+                                                   for k in sorted({k for p in parts for k in p})}, "length counts")
+        # logged at step 0 of metrics.jsonl, and said here per reason with the option that decides it
+        self.data_counts = {"data/records": len(records), "data/kept": len(out),
+                            **{f"data/{k}": v for k, v in counts.items()}}
+        if counts:
+            def said(k):
+                reason = k.split("/", 1)[1]
+                option = LENGTH_OPTIONS.get(reason)
+                return f"{counts[k]} {k.replace('/', ' ')}" + (f" ({option}={getattr(d, option.split('.')[1])})"
+                                                              if option else "")
+            self.log(f"data: {len(out)} of {len(records)} examples kept; " + "; ".join(said(k) for k in counts)
+                     + f" (data.overlong={d.overlong})")
         if not out:
             raise ConfigError(f"data: no example of {len(records)} fits the length limits "
-                              f"(data.max_length={d.max_length}, data.max_prompt_tokens={d.max_prompt_tokens})")
+                              f"(data.max_length={d.max_length}, data.max_prompt_tokens={d.max_prompt_tokens}, "
+                              f"data.max_teacher_prompt_tokens={d.max_teacher_prompt_tokens})")
         return out
 
-    def take(self, step: int) -> list[dict]:
-        """The records of optimizer step `step` (a pure function of step, seed and data size)."""
-        idx = record_indices(len(self.records), step, self.records_per_step, self.cfg.seed, self.cfg.data.shuffle)
+    def take(self, index: int) -> list[dict]:
+        """The records of batch `index` (optimizer step // updates per batch): a pure function of the
+        index, the seed and the data size."""
+        idx = record_indices(len(self.records), index, self.records_per_step, self.cfg.seed, self.cfg.data.shuffle)
         return self.records.take(idx)
+
+    def _more_records(self, attempt: int, count: int) -> list[dict]:
+        """`count` further records for the batch being built (GRPO's dynamic sampling): drawn with a
+        generator seeded by (seed, batch index, attempt), so a run and its resume draw the same."""
+        rng = np.random.default_rng([self.cfg.seed, 1 + self._building, attempt])
+        return self.records.take([int(i) for i in rng.choice(len(self.records), count, replace=count > len(self.records))])
+
+    def _score(self, lora, batch):
+        """method.logprobs of every micro-batch of a [grad_accum, micro, ...] host batch, on the mesh."""
+        if self._score_fn is None:
+            def score(lora, params, batch):
+                return jax.lax.map(lambda mb: self.method.logprobs(lora, params, mb), batch)
+            self._score_fn = jax.jit(score)
+        with sharding.use_mesh(self.mesh, self.rules):
+            placed = run.place_batch(batch, self.mesh, leading=1, rules=self.rules)
+            return dist.fetch(self._score_fn(lora, self.params, placed))
+
+    def batch_for(self, step: int):
+        """The StepBatch of optimizer step `step`: built from the records of step // updates per batch
+        on its first step, then reused (GRPO's num_iterations)."""
+        index = step // self.updates
+        if self._batch_cache is None or self._batch_cache[0] != index:
+            self._building = index
+            rng_data = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), index))[0]
+            self._batch_cache = (index, self.method.make_batch(self.take(index), self.state.lora, rng_data))
+            return self._batch_cache[1], True
+        return self._batch_cache[1], False
 
     # -- sampling and held-out evaluation --------------------------------------------------------
 
@@ -611,18 +685,23 @@ class Trainer:
                 summary["eval/accuracy_before"] = self.evaluate(self.state.lora).get("eval/accuracy")
                 self.log(f"held-out accuracy before training: {summary['eval/accuracy_before']:.3f} "
                          f"({len(self.eval_records)} problems)")
-                logger.log(0, {"eval/accuracy": summary["eval/accuracy_before"]})
-            bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.method}", unit="step",
+                logger.log(0, {**self.data_counts, "eval/accuracy": summary["eval/accuracy_before"]})
+            elif start == 0:
+                logger.log(0, self.data_counts)  # what the length policy kept, dropped and truncated
+            elif start % self.updates:
+                self.log(f"resumed inside a batch's {self.updates} updates (step {start}): its rollouts are drawn "
+                         f"again with the current adapter")
+            bar = tqdm(total=self.end, initial=start, desc=f"{cfg.method}", unit="step",
                        disable=not self.progress, dynamic_ncols=True)
             base_key = jax.random.PRNGKey(cfg.seed)
             step = start
             saved_at = ckpt.latest_step()
             t_start = time.time()
-            while step < cfg.train.steps and not self.stop_requested:
+            while step < self.end and not self.stop_requested:
                 t0 = time.time()
-                rng_data, rng_step = jax.random.split(jax.random.fold_in(base_key, step))
-                step_batch = self.method.make_batch(self.take(step), self.state.lora, rng_data)
-                self.rollout_tokens += step_batch.rollout_tokens
+                rng_step = jax.random.split(jax.random.fold_in(base_key, step))[1]
+                step_batch, fresh = self.batch_for(step)
+                self.rollout_tokens += step_batch.rollout_tokens if fresh else 0
                 with sharding.use_mesh(self.mesh, self.rules):
                     batch = run.place_batch(step_batch.batch, self.mesh, leading=1, rules=self.rules)
                     self.state, metrics = self.step_fn()(self.state, self.params, batch, rng_step)
@@ -638,19 +717,19 @@ class Trainer:
                 self._check_finite(step, metrics, ckpt)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.eval_records:
                     metrics.update(self.evaluate(self.state.lora))
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if step % cfg.train.log_every == 0 or step == self.end:
                     logger.log(step, metrics)
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 summary.update(metrics)
                 if stop_after is not None and step - start >= stop_after:
                     self.stop_requested = True
-                if step < cfg.train.steps and (step % cfg.train.save_every == 0 or self.stop_requested):
+                if step < self.end and (step % cfg.train.save_every == 0 or self.stop_requested):
                     self._save(ckpt, step)
                     saved_at = step
             bar.close()
             self._wait(ckpt)
-            if self.stop_requested and step < cfg.train.steps:
+            if self.stop_requested and step < self.end:
                 summary["stopped"] = getattr(self, "stop_signal", None) or "stop_after"
                 summary["step"] = step
                 if saved_at is None:
@@ -758,6 +837,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config.help_text(TrainConfig, defaults=cfg))
         return 0
     trainer = None
+    if "--print_config" in argv:  # the configuration that would run, as YAML that --config reads back
+        try:
+            cfg, _ = build_config([a for a in argv if a != "--print_config"])
+        except JsdrError as e:
+            line, code = error_line("jsdr.train", e)
+            print(line, file=sys.stderr)
+            return code
+        print(config.to_yaml(cfg), end="")
+        return 0
     try:
         cfg, note = build_config(argv)
         dist.initialize(cfg.dist)  # before anything touches a device

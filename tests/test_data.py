@@ -132,6 +132,36 @@ def test_template_overrides_and_placeholders(tok):
         load(TrainConfig, None, ["--prompts.student=no placeholder"])
 
 
+def test_prompt_presets(tok):
+    """public (the v3 code) is the default; public_v1 is the first release: its teacher text, and a
+    student prompt that is the chat template's text without its special tokens; fields set by hand
+    replace the preset's."""
+    pub, v1 = P.PromptTemplates(), P.PromptTemplates(preset="public_v1")
+    assert (pub.student, pub.teacher, pub.student_thinking, pub.teacher_thinking) == \
+        (P.STUDENT_TEMPLATE, P.TEACHER_TEMPLATE, False, True)
+    assert v1.teacher == ("{problem}\n\nHere is a reference solution to this problem:\n{solution}\n"
+                          + P.TEACHER_TRANSITION_V1 + "\n" + INSTR)
+    assert v1.student_thinking is True and v1.student_chat_template is False
+    ids = P.render_student(tok, "2+2?", v1)
+    assert tok.decode(ids) == "user\nProblem: 2+2?\n\n" + INSTR + "\nassistant\n"
+    assert not set(ids) & set(tok.all_special_ids)
+    own = P.PromptTemplates(preset="public_v1", teacher="{problem} / {solution}", student_chat_template=True)
+    assert own.teacher == "{problem} / {solution}" and own.student_thinking is True
+    assert P.render_student(tok, "2+2?", own) == P.render_student(tok, "2+2?", P.PromptTemplates(student_thinking=True))
+    with pytest.raises(ConfigError, match="preset"):
+        load(TrainConfig, None, ["--prompts.preset=paper_v9"])
+    cfg = load(TrainConfig, None, ["--prompts.preset=public_v1"])  # from the command line: the preset's texts
+    assert cfg.prompts == v1
+    assert load(TrainConfig, None, ["--prompts.preset=public_v1", "--prompts.student_thinking=false"]).prompts == \
+        P.PromptTemplates(preset="public_v1", student_thinking=False)
+    # reason_first: the analysis request in the chat template, the transition as raw text
+    text = tok.decode(P.render_reason_first(tok, "p", "s", pub))
+    assert "Here is a correct reasoning to this problem:=== Reference Reasoning Start ===\ns\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tok.decode(P.reason_first_transition_ids(tok, pub)) == "\n" + P.TEACHER_TRANSITION + "\n" + INSTR
+    assert P.EVAL_TEMPLATE == "{problem}\n\n" + INSTR
+
+
 def test_missing_chat_template_is_a_clear_error():
     bare = _tokenizer(template=None)
     with pytest.raises(P.PromptError, match="no chat template"):

@@ -392,18 +392,24 @@ def test_output_dir_placeholders():
         EV.parse_args(["--output_dir=x/{foo}"])
 
 
-def test_eval_prompt_text_is_the_student_prompt_with_thinking_on():
-    """Table 5 evaluates in thinking mode: the exact text of an eval prompt (the toy chat template
-    inserts an empty think block only when thinking is off)."""
-    from jsdr.data.prompts import INSTRUCTION
+def test_eval_prompt_text_is_the_public_eval_prompt_with_thinking_on():
+    """Table 5 evaluates in thinking mode with the public evaluation code's prompt (no "Problem: "
+    label): the exact text of an eval prompt (the toy chat template inserts an empty think block only
+    when thinking is off); --prompt replaces it."""
+    from jsdr.data.prompts import INSTRUCTION, STUDENT_TEMPLATE
     tok = toy.build_tokenizer()
-    assert EV.EvalConfig().thinking is True
+    cfg = EV.EvalConfig()
+    assert cfg.thinking is True and cfg.prompt == "{problem}\n\n" + INSTRUCTION
     items = [("b", 0, {"problem": "Start at 0. Add 3.", "answer": "3"})]
-    text = tok.decode(EV._render_prompts(tok, items, EV.EvalConfig().thinking)[0])
-    assert text == ("<|im_start|>user\nProblem: Start at 0. Add 3.\n\n" + INSTRUCTION
+    text = tok.decode(EV._render_prompts(tok, items, cfg.thinking, cfg.prompt)[0])
+    assert text == ("<|im_start|>user\nStart at 0. Add 3.\n\n" + INSTRUCTION
                     + "<|im_end|>\n<|im_start|>assistant\n")
-    off = tok.decode(EV._render_prompts(tok, items, False)[0])
+    off = tok.decode(EV._render_prompts(tok, items, False, cfg.prompt)[0])
     assert off == text + "<think>\n\n</think>\n\n"
+    labelled = tok.decode(EV._render_prompts(tok, items, True, STUDENT_TEMPLATE)[0])
+    assert labelled == text.replace("user\nStart", "user\nProblem: Start")
+    with pytest.raises(C.ConfigError, match="prompt"):
+        EV.EvalConfig(prompt="no placeholder")
 
 
 def test_bad_sampling_input_fails_before_any_sample_is_written(toy_tiny_assets, bench, tmp_path, fake_sampler,

@@ -128,6 +128,56 @@ def test_opsd_aligns_student_and_teacher_on_the_same_rollout(tokenizer):
     assert b.s_tokens.shape[1] % 8 == 0 and b.t_tokens.shape[1] % 8 == 0  # bucketed lengths
 
 
+def test_opsd_reason_first_teacher_reads_its_own_analysis(tokenizer):
+    """reason_first: the teacher (fixed: LoRA off) first samples an analysis of the solution; its row is
+    analysis prompt + analysis + transition + the student's rollout, aligned like the plain teacher's."""
+    rollouts, analyses = ["0 + 3 = 3. \\boxed{3}", "0 + 7 = 6. \\boxed{3}"], ["the key is adding", "add 7"]
+    calls = []
+
+    def sample(lora, prompts, sc, rng):
+        calls.append({"lora": lora, "prompts": [list(p) for p in prompts], "sc": sc})
+        return _sample_output(tokenizer, rollouts if len(calls) == 1 else analyses, 1)
+
+    setup = _setup(tokenizer, OPSDConfig(reason_first=True, max_reasoning_tokens=77), sample=sample, micro_batch=2)
+    method = methods.get("opsd")(setup)
+    recs = [method.prepare(r) for r in RECORDS]
+    assert all("Here is a correct reasoning" in tokenizer.decode(r["teacher_ids"]) for r in recs)
+    lora = {"marker": np.ones(1)}
+    sb = method.make_batch(recs, lora, jax.random.PRNGKey(0))
+    assert calls[0]["lora"] is lora and calls[1]["lora"] is None  # the fixed teacher analyses without LoRA
+    assert calls[1]["prompts"] == [r["teacher_ids"] for r in recs] and calls[1]["sc"].max_new_tokens == 77
+    transition = prompt_lib.reason_first_transition_ids(tokenizer, setup.prompts)
+    b = jax.tree.map(lambda x: x[0], sb.batch)
+    for row, r in enumerate(recs):
+        rollout = tokenizer.encode(rollouts[row], add_special_tokens=False)
+        teacher = r["teacher_ids"] + tokenizer.encode(analyses[row], add_special_tokens=False) + transition
+        assert _real(b.t_tokens[row], b.t_segment_ids[row]) == teacher + rollout
+        assert b.t_tokens[row][b.t_index[row][:len(rollout)]].tolist() == [teacher[-1]] + rollout[:-1]
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in rollouts + analyses]
+    assert sb.rollout_tokens == sum(lengths)
+    with pytest.raises(Exception, match="reason_first"):
+        OPSDConfig(reason_first=True, teacher="ema")
+
+
+def test_opsd_length_policy_names_the_reason_and_cuts_the_solution(tokenizer):
+    base = _setup(tokenizer, OPSDConfig())
+    full = methods.get("opsd")(base).prepare(RECORDS[0])
+    s_len, t_len = len(full["prompt_ids"]), len(full["teacher_ids"])
+    student = dataclasses.replace(base, data=DataConfig(max_prompt_tokens=s_len - 1))
+    assert methods.get("opsd")(student).prepare(RECORDS[0]) == "prompt_too_long"
+    drop = dataclasses.replace(base, data=DataConfig(max_teacher_prompt_tokens=t_len - 3))
+    assert methods.get("opsd")(drop).prepare(RECORDS[0]) == "teacher_prompt_too_long"
+    cut = dataclasses.replace(base, data=DataConfig(max_teacher_prompt_tokens=t_len - 3, overlong="truncate"))
+    out = methods.get("opsd")(cut).prepare(RECORDS[0])
+    assert out["truncated"] == "teacher_prompt_too_long" and t_len - 10 <= len(out["teacher_ids"]) <= t_len - 3
+    solution = RECORDS[0]["solution"]
+    kept = next(solution[:i] for i in range(len(solution), 0, -1)
+                if solution[:i] in tokenizer.decode(out["teacher_ids"]))
+    assert 0 < len(kept) < len(solution)  # a prefix of the solution is kept, the rest is cut
+    tiny = dataclasses.replace(base, data=DataConfig(max_teacher_prompt_tokens=5, overlong="truncate"))
+    assert methods.get("opsd")(tiny).prepare(RECORDS[0]) == "teacher_prompt_too_long"  # not even an empty one fits
+
+
 def test_opsd_ema_teacher_and_resume_rule(tokenizer):
     assert methods.get("opsd")(_setup(tokenizer, OPSDConfig(teacher="ema", ema_decay=0.9))).ema_decay == 0.9
     assert methods.get("opsd")(_setup(tokenizer, OPSDConfig())).ema_decay is None
@@ -151,7 +201,7 @@ def test_sft_length_policy(tokenizer):
     base = _setup(tokenizer, SFTConfig())
     n = len(methods.get("sft")(base).prepare(RECORDS[0])["prompt_ids"])
     drop = dataclasses.replace(base, data=DataConfig(max_length=n + 2))
-    assert methods.get("sft")(drop).prepare(RECORDS[0]) is None
+    assert methods.get("sft")(drop).prepare(RECORDS[0]) is None and methods.get("sft").drop_reason == "too_long"
     cut = dataclasses.replace(base, data=DataConfig(max_length=n + 2, overlong="truncate"))
     out = methods.get("sft")(cut).prepare(RECORDS[0])
     assert out["truncated"] and len(out["prompt_ids"]) + len(out["response_ids"]) == n + 2

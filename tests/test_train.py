@@ -102,7 +102,7 @@ def test_opsd_runs_on_8_devices_and_resumes_exactly(assets, tmp_path):
     def read(p):
         return {r["step"]: r for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}
     a, b = read(tmp_path / "full"), read(part)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]  # step 0: the data counts
     for step in (3, 4):
         for k in ("loss", "divergence", "grad_norm", "rollout_tokens", "rollout/length"):
             if k in a[step]:
@@ -194,16 +194,50 @@ def test_malformed_data_file_names_file_and_row(assets, tmp_path):
         TR.Trainer(_cfg(assets, "sft", tmp_path, data={"train": str(bad)}), progress=False)
 
 
-def test_overlong_examples_are_counted(assets, tmp_path):
+def test_overlong_examples_are_counted_per_reason(assets, tmp_path):
+    """Every drop and cut is counted per reason, said in the log with the option that decides it, and
+    kept for metrics.jsonl's step-0 record (trainer.data_counts)."""
     full = TR.Trainer(_cfg(assets, "opsd", tmp_path), progress=False, log=lambda *a: None)
-    lengths = sorted(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in full.records)
-    limit = lengths[len(lengths) // 2]
+    n = len(full.records)
+    assert full.data_counts == {"data/records": n, "data/kept": n}
+    teachers = sorted(len(r["teacher_ids"]) for r in full.records)
+    t_limit = teachers[len(teachers) // 2]
     logs = []
-    tr = TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_prompt_tokens": limit}), progress=False,
-                    log=logs.append)
-    n_drop = sum(n > limit for n in lengths)
-    assert 0 < n_drop < len(lengths) and len(tr.records) == len(lengths) - n_drop
-    assert any(f"{n_drop} of {len(lengths)} examples dropped" in m and "max_prompt_tokens" in m for m in logs), logs
+    tr = TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_teacher_prompt_tokens": t_limit}),
+                    progress=False, log=logs.append)
+    over = sum(t > t_limit for t in teachers)
+    assert 0 < over < n and len(tr.records) == n - over
+    assert tr.data_counts == {"data/records": n, "data/kept": n - over, "data/dropped/teacher_prompt_too_long": over}
+    line = next(m for m in logs if m.startswith("data:"))
+    assert f"{over} dropped teacher_prompt_too_long (data.max_teacher_prompt_tokens={t_limit})" in line, line
+    with pytest.raises(ConfigError, match="no example of"):  # the student prompts of the toy are all one length
+        TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_prompt_tokens": 10}), progress=False,
+                   log=lambda *a: None)
+    cut = TR.Trainer(_cfg(assets, "opsd", tmp_path, data={"max_teacher_prompt_tokens": t_limit,
+                                                          "overlong": "truncate"}), progress=False,
+                     log=lambda *a: None)
+    assert cut.data_counts["data/truncated/teacher_prompt_too_long"] == over and len(cut.records) == n
+    assert max(len(r["teacher_ids"]) for r in cut.records) <= t_limit
+
+
+def test_epochs_set_the_run_length_and_stop_at_ends_it_early(assets, tmp_path):
+    """train.epochs: ceil(epochs x records / records per step) steps, over which the schedule decays;
+    train.stop_at ends the run there (adapter and summary written) without changing the schedule."""
+    with pytest.raises(ConfigError, match="exclude each other"):
+        _cfg(assets, "sft", tmp_path, train={"epochs": 2})  # _cfg sets train.steps=4
+    cfg = _cfg(assets, "sft", tmp_path, train={"steps": None, "epochs": 0.5, "stop_at": 2},
+               optim={"schedule": "linear"})
+    tr = TR.Trainer(cfg, progress=False, log=lambda *a: None)
+    per_step = tr.records_per_step
+    assert tr.steps == -(-len(tr.records) // (2 * per_step)) and tr.steps > 2 and tr.end == 2
+    assert float(tr.schedule(tr.steps)) == 0.0 and float(tr.schedule(1)) > 0.0
+    summary = tr.run()
+    assert summary["step"] == 2 and (tmp_path / "adapter" / "adapter_config.json").exists()
+    m = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["step"] == 0 and m[0]["data/kept"] == len(tr.records)  # the length policy's counts at step 0
+    np.testing.assert_allclose(m[-1]["lr"], float(tr.schedule(1)), rtol=1e-6)  # the whole run's schedule
+    assert TR.LoopConfig(epochs=3).total_steps(10, 4) == 8 and TR.LoopConfig().total_steps(10, 4) == 100
+    assert TR.LoopConfig(epochs=1).total_steps(10, 4, updates_per_batch=2) == 6
 
 
 def test_help_lists_options(capsys):
@@ -288,3 +322,45 @@ def test_optimizer_state_and_ema_live_in_the_lora_sharding(assets, tmp_path):
         for m, lo in zip(jax.tree.leaves(moments), jax.tree.leaves(tr.state.lora)):
             assert m.sharding == lo.sharding
         assert per_device(moments) == lora_bytes
+
+
+def test_grpo_dynamic_sampling_and_num_iterations_through_the_trainer(assets, tmp_path, monkeypatch):
+    """A GRPO run with dynamic sampling and num_iterations=2: the sampler runs on every other step, the
+    first update of a batch has ratio exactly 1 (old log-probs = the sampling adapter's, by the training
+    forward) and the second does not, and the refills of equal-reward groups are in metrics.jsonl."""
+    import zlib
+
+    from jsdr.data.rewards import GradeResult
+
+    cfg = _cfg(assets, "grpo", tmp_path, train={"per_device_batch": 4, "grad_accum": 2, "save_every": 100},
+               optim={"learning_rate": 3e-2},
+               grpo={"dynamic_sampling": True, "max_refills": 2, "num_iterations": 2})
+    tr = TR.Trainer(cfg, progress=False, log=lambda *a: None)
+    informative = {r["problem"] for r in tr.records if zlib.crc32(r["problem"].encode()) % 3 == 0}
+    assert 0 < len(informative) < len(tr.records)
+
+    def grades(out, records, n):  # a grader with a known answer: mixed rewards only for `informative` prompts
+        return [GradeResult(records[i // n]["problem"] in informative and i % 2 == 0, None)
+                for i in range(len(records) * n)]
+    monkeypatch.setattr(tr.method, "grades", grades)
+    built = []
+    make_batch = tr.method.make_batch
+    monkeypatch.setattr(tr.method, "make_batch", lambda *a: built.append(1) or make_batch(*a))
+    tr.run()
+    m = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(m) == [0, 1, 2, 3, 4] and len(built) == 2  # 4 steps, 2 rollout batches
+    for first, second in ((1, 2), (3, 4)):
+        np.testing.assert_allclose(m[first]["ratio_mean"], 1.0, atol=1e-6)  # exact old log-probs
+        assert abs(m[second]["ratio_mean"] - 1.0) > 1e-4  # trained once on the batch: the ratio moved
+        assert m[second]["rollout_tokens"] == m[first]["rollout_tokens"]  # no new rollouts on the 2nd update
+        assert m[second]["rollout/refills"] == m[first]["rollout/refills"]
+    assert m[3]["rollout_tokens"] > m[2]["rollout_tokens"]
+    groups = tr.records_per_step  # 2 prompts per step
+    for s in (1, 3):
+        dropped, refills, padded = (m[s][f"rollout/{k}"] for k in ("groups_dropped", "refills", "groups_padded"))
+        assert 0 <= refills <= 2 and 0 <= padded <= groups
+        if refills:  # a refill happened because a group had equal rewards
+            assert dropped >= 1
+        # the batch trained on: every informative group kept has reward mean 0.5; padded groups reward 0
+        np.testing.assert_allclose(m[s]["reward/mean"], 0.5 * (groups - padded) / groups, atol=1e-6)
+    assert sum(m[s]["rollout/refills"] for s in (1, 3)) >= 1, m  # the toy data made at least one refill

@@ -135,7 +135,7 @@ def test_torn_metrics_line_is_dropped_on_resume(assets, tmp_path):
     assert tr.run()["step"] == 4
     assert any("dropped a torn last line" in m for m in logs), logs
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]  # step 0: the data counts
     # a bad line in the middle is an error naming the line
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage"] + lines[1:]) + "\n")
@@ -352,7 +352,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(assets, tmp_path):
     def read(p):
         return {r["step"]: r for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}
     a, b = read(tmp_path / "full"), read(run)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]  # step 0: the data counts
+    assert a[0] == b[0]
     for step in (1, 2, 3, 4):
         for k in ("loss", "grad_norm", "rollout_tokens"):
             np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-5, atol=1e-7, err_msg=f"{k}@{step}")

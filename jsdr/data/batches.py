@@ -28,8 +28,10 @@ class SFTBatch(NamedTuple):
 
 class GRPOBatch(NamedTuple):
     """Prompt (left-padded) + completion (right-padded) rows; the mask covers the completion.
-    advantages [B] and old_logprobs [B, T] are added by the method (None until then; old_logprobs
-    None means "the current policy's, under stop-gradient": one update per rollout batch)."""
+    advantages [B], old_logprobs [B, T] and token_norm [B] are added by the method (None until then;
+    old_logprobs None means "the current policy's, under stop-gradient": one update per rollout batch;
+    token_norm, for aggregation "dapo", is the step's completion-token count / grad_accum on every row,
+    None meaning "this micro-batch's own count")."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -38,6 +40,7 @@ class GRPOBatch(NamedTuple):
     mask: np.ndarray
     advantages: np.ndarray | None = None
     old_logprobs: np.ndarray | None = None
+    token_norm: np.ndarray | None = None
 
 
 class OPSDBatch(NamedTuple):
@@ -117,7 +120,7 @@ def build_grpo_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     """Rows of prompt + completion: the prompt left-padded to `prompt_len`, the completion (already
     cut after its stop token) right-padded to `completion_len` (defaults: the longest). mask[b, t] = 1
     where targets[b, t] is a completion token, so the first completion token is predicted at position
-    prompt_len - 1. advantages / old_logprobs are left None."""
+    prompt_len - 1. advantages / old_logprobs / token_norm are left None."""
     if len(prompts) != len(completions):
         raise ValueError(f"build_grpo_batch: {len(prompts)} prompts but {len(completions)} completions")
     plen = max(len(p) for p in prompts) if prompt_len is None else prompt_len

@@ -106,9 +106,14 @@ class DataConfig:
     solution_field: str = field("solution", "field holding the reference solution (SFT target, OPSD teacher)")
     answer_field: str = field("answer", "field holding the final answer (GRPO reward)")
     limit: int | None = field(None, "use only the first N records")
-    max_prompt_tokens: int = field(1024, "longest prompt (teacher prompts include the solution)")
-    max_length: int = field(16000, "SFT: longest prompt + solution in tokens")
-    overlong: Literal["drop", "truncate"] = field("drop", "what to do with a longer example (always counted)")
+    max_prompt_tokens: int = field(1024, "longest student / GRPO prompt (the problem in the chat template); a longer "
+                                         "one is dropped (never cut: the problem would be mangled)")
+    max_teacher_prompt_tokens: int = field(20000, "OPSD: longest teacher prompt (problem + reference solution; the "
+                                                  "public code allows 20,000 tokens); see data.overlong")
+    max_length: int = field(16000, "SFT: longest prompt + solution in tokens; see data.overlong")
+    overlong: Literal["drop", "truncate"] = field(
+        "drop", "a longer SFT example or OPSD teacher prompt: dropped, or its solution cut to fit; every drop and "
+                "cut is counted per reason in the log and at step 0 of metrics.jsonl")
     shuffle: bool = field(True, "shuffle every epoch (seeded)")
     eval: str | None = field(None, "held-out problems scored before and after training: a file/hub id, or 'toy' "
                                    "(the toy's test split; 'toy:validation' for tuning)")
@@ -119,6 +124,7 @@ class DataConfig:
 
     def __post_init__(self):
         check(self.max_prompt_tokens > 0, "max_prompt_tokens", "must be > 0")
+        check(self.max_teacher_prompt_tokens > 0, "max_teacher_prompt_tokens", "must be > 0")
         check(self.max_length > 0, "max_length", "must be > 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or None")
 

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from jsdr.config import check, field
 
@@ -52,6 +52,42 @@ TEACHER_TEMPLATE = (
     + INSTRUCTION
 )
 
+# The public code's evaluation prompt (and its v3 SFT prompt): the problem without a "Problem: " label.
+EVAL_TEMPLATE = "{problem}\n\n" + INSTRUCTION
+
+# reason_first (public code, not in its main scripts): the teacher first writes an analysis of the
+# reference solution (a generation of its own), then reads the transition and scores the rollout.
+REASON_FIRST_TEMPLATE = (
+    "Problem: {problem}\n\n"
+    "Here is a correct reasoning to this problem:=== Reference Reasoning Start ===\n{solution}\n"
+    "=== Reference Reasoning End ===\n\n"
+    "\n\nThe reference reasoning above arrives at the correct answer. Please analyze this solution and explain "
+    "the key reasoning steps and problem-solving strategies employed. Do NOT use <think> tags. Do NOT derive your "
+    "own solution. Simply analyze and explain the reference solution provided above.\n"
+)
+
+# The public code's first release (the setting behind the paper's v1 results): no "Problem: " label and no
+# delimiters in the teacher prompt, another transition sentence; its student prompt lost the chat template
+# (the special tokens were stripped before generation), which `student_chat_template: false` reproduces.
+TEACHER_TRANSITION_V1 = (
+    "\n\nAfter understanding the reference solution and the rationale behind each step, now articulate your "
+    "own step-by-step reasoning that derives the same final answer to the problem below:\n"
+)
+TEACHER_TEMPLATE_V1 = (
+    "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n" + TEACHER_TRANSITION_V1 + "\n"
+    + INSTRUCTION
+)
+
+# prompts.preset -> the values of the fields left unset (None)
+PRESETS: dict[str, dict[str, Any]] = {
+    "public": dict(student=STUDENT_TEMPLATE, teacher=TEACHER_TEMPLATE, student_thinking=False, teacher_thinking=True,
+                   student_chat_template=True, reason_first=REASON_FIRST_TEMPLATE,
+                   reason_first_transition="\n" + TEACHER_TRANSITION + "\n" + INSTRUCTION),
+    "public_v1": dict(student=STUDENT_TEMPLATE, teacher=TEACHER_TEMPLATE_V1, student_thinking=True,
+                      teacher_thinking=True, student_chat_template=False, reason_first=REASON_FIRST_TEMPLATE,
+                      reason_first_transition="\n" + TEACHER_TRANSITION_V1 + "\n" + INSTRUCTION),
+}
+
 _PLACEHOLDER = re.compile(r"\{(problem|solution)\}")
 
 
@@ -61,18 +97,47 @@ class PromptError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplates:
-    """The prompt settings of a run (the paper's choice of thinking: student off, teacher on)."""
+    """The prompt settings of a run. `preset` gives every field left unset (None): "public" the public
+    code's current (v3) prompts (student thinking off, teacher thinking on: the paper's choice),
+    "public_v1" its first release's (see PRESETS). Set fields replace the preset's."""
 
-    student: str = field(STUDENT_TEMPLATE, "student user message; {problem} is filled in")
-    teacher: str = field(TEACHER_TEMPLATE, "teacher user message; {problem} and {solution} are filled in")
-    student_thinking: bool = field(False, "Qwen3 thinking mode in the student prompt (and GRPO/SFT prompts)")
-    teacher_thinking: bool = field(True, "Qwen3 thinking mode in the OPSD teacher prompt")
+    preset: Literal["public", "public_v1"] = field("public", "public: the public code's prompts (v3) | public_v1: "
+                                                             "its first release's (v1 results; student without "
+                                                             "its chat template)")
+    student: str | None = field(None, "student user message; {problem} is filled in (None: the preset's)")
+    teacher: str | None = field(None, "teacher user message; {problem} and {solution} are filled in (None: the "
+                                      "preset's)")
+    student_thinking: bool | None = field(None, "Qwen3 thinking mode in the student prompt (and GRPO/SFT prompts; "
+                                                "None: the preset's)")
+    teacher_thinking: bool | None = field(None, "Qwen3 thinking mode in the OPSD teacher prompt (None: the preset's)")
+    student_chat_template: bool | None = field(
+        None, "false: the student prompt is the chat template's text with its special tokens removed, as the public "
+              "code's first release built it (None: the preset's)")
+    reason_first: str | None = field(None, "opsd.reason_first: the teacher's request to analyse the solution "
+                                           "({problem}, {solution}; None: the preset's)")
+    reason_first_transition: str | None = field(None, "opsd.reason_first: text after the teacher's analysis, "
+                                                      "before the rollout (None: the preset's)")
     system: str | None = field(None, "optional system message before the user message of both roles")
 
     def __post_init__(self):
+        check(self.preset in PRESETS, "preset", f"{self.preset!r} is not a preset; choose one of {list(PRESETS)}")
+        object.__setattr__(self, "_given", {k: getattr(self, k) for k in PRESETS[self.preset]})
+        for k, v in PRESETS[self.preset].items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
         check("{problem}" in self.student, "student", "the template must contain {problem}")
-        for key in ("{problem}", "{solution}"):
-            check(key in self.teacher, "teacher", f"the template must contain {key}")
+        for name in ("teacher", "reason_first"):
+            for key in ("{problem}", "{solution}"):
+                check(key in getattr(self, name), name, f"the template must contain {key}")
+
+
+def _as_partial(self) -> dict:
+    """The settings as given (None where the preset filled a field): what a partial `prompts:` section
+    of a config is merged into, so that `preset: public_v1` alone brings that preset's texts."""
+    return {f.name: self._given.get(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+PromptTemplates.as_partial = _as_partial
 
 
 def fill(template: str, **values: str) -> str:
@@ -170,9 +235,15 @@ def _warn_if_no_thinking_switch(template: str, thinking: bool) -> None:
 
 def render_student(tokenizer, problem: str, templates: PromptTemplates = PromptTemplates(), *,
                    chat_template: str | None = None) -> list[int]:
-    """Student prompt ids (thinking per `templates.student_thinking`)."""
-    return render_prompt(tokenizer, student_messages(problem, templates),
-                         templates.student_thinking, chat_template=chat_template)
+    """Student prompt ids (thinking per `templates.student_thinking`). With
+    `student_chat_template=False`, the rendered text without its special tokens, tokenized again
+    (the public code's first release: its student saw "user\\nProblem: ...assistant\\n")."""
+    ids = render_prompt(tokenizer, student_messages(problem, templates),
+                        templates.student_thinking, chat_template=chat_template)
+    if templates.student_chat_template:
+        return ids
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return _as_id_list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def render_teacher(tokenizer, problem: str, solution: str,
@@ -181,6 +252,19 @@ def render_teacher(tokenizer, problem: str, solution: str,
     """Teacher prompt ids (thinking per `templates.teacher_thinking`)."""
     return render_prompt(tokenizer, teacher_messages(problem, solution, templates),
                          templates.teacher_thinking, chat_template=chat_template)
+
+
+def render_reason_first(tokenizer, problem: str, solution: str, templates: PromptTemplates = PromptTemplates(), *,
+                        chat_template: str | None = None) -> list[int]:
+    """opsd.reason_first: the prompt that asks the teacher to analyse the reference solution (chat
+    template, thinking per `templates.teacher_thinking`)."""
+    messages = _messages(fill(templates.reason_first, problem=problem, solution=solution), templates.system)
+    return render_prompt(tokenizer, messages, templates.teacher_thinking, chat_template=chat_template)
+
+
+def reason_first_transition_ids(tokenizer, templates: PromptTemplates = PromptTemplates()) -> list[int]:
+    """opsd.reason_first: the raw (no chat template) transition text after the teacher's analysis."""
+    return _as_id_list(tokenizer.encode(templates.reason_first_transition, add_special_tokens=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Final-answer extraction and grading: the last \\boxed{...} against a reference answer.
 
-Two graders:
+Three graders:
 
 - "math_verify" (default, what evaluation uses): the extracted answer and the reference are
   parsed by `math_verify.parse` and compared by `math_verify.verify` (symbolic and numeric
@@ -9,10 +9,12 @@ Two graders:
   match below decides instead, and the failure is reported in `GradeResult.error`.
 - "string": `normalize_answer(extracted) == normalize_answer(reference)` (the public GRPO code's
   exact match after normalisation).
+- "string_first": the public GRPO code's v1 reward: the FIRST \\boxed{...} of the response,
+  `.strip().lower()`, equal to the reference's `.strip().lower()` (no other normalisation).
 
-Only the last \\boxed{...} (or \\fbox{...}) of a response counts; a response without one, or
-whose last box is never closed (a rollout cut at the token limit), is graded incorrect with
-`extracted=None`.
+Only the last \\boxed{...} (or \\fbox{...}) of a response counts (the first \\boxed{...} for
+"string_first"); a response without one, or whose box is never closed (a rollout cut at the token
+limit), is graded incorrect with `extracted=None`.
 
 Timeouts: math-verify bounds each parse/compare with `signal.alarm`, which only works in the
 main thread of the main interpreter. `grade(..., timeout_seconds=5)` uses that alarm in the
@@ -32,7 +34,8 @@ from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-GradeMethod = Literal["math_verify", "string"]
+GradeMethod = Literal["math_verify", "string", "string_first"]
+GRADE_METHODS = ("math_verify", "string", "string_first")
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -40,7 +43,7 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
-    """correct: the answer matches; extracted: the content of the last box (None: no box);
+    """correct: the answer matches; extracted: the content of the box graded (None: no box);
     error: a grader failure (caught, never raised), else None."""
 
     correct: bool
@@ -94,6 +97,16 @@ def last_boxed(text: str) -> str | None:
         if token:
             return token.group(0).rstrip(".")
     return None
+
+
+def first_boxed(text: str) -> str | None:
+    """The content of the first `\\boxed{...}` in `text` (nested braces kept, not stripped), or None
+    when there is none or it is not closed."""
+    start = (text or "").find("\\boxed{")
+    if start < 0:
+        return None
+    group = _braced(text, start + len("\\boxed"))
+    return None if group is None else group[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,21 +224,26 @@ def _math_verify(extracted: str, reference: str, timeout: int | None) -> tuple[b
 
 def grade(response_text: str, reference_answer: str, method: GradeMethod = "math_verify", *,
           timeout_seconds: int | None = 5, string_fallback: bool = True) -> GradeResult:
-    """Grade the last \\boxed{} answer of `response_text` against `reference_answer`.
+    """Grade the last \\boxed{} answer of `response_text` against `reference_answer` (the first one
+    for "string_first").
 
-    method: "math_verify" or "string" (see the module doc). string_fallback: with math_verify,
-    accept a normalised string match when math-verify failed (error) or parsed nothing.
+    method: "math_verify", "string" or "string_first" (see the module doc). string_fallback: with
+    math_verify, accept a normalised string match when math-verify failed (error) or parsed nothing.
     Never raises on bad inputs: failures are caught and reported in `error`.
     """
-    if method not in ("math_verify", "string"):
-        raise ValueError(f"grade method must be 'math_verify' or 'string', got {method!r}")
+    if method not in GRADE_METHODS:
+        raise ValueError(f"grade method must be one of {list(GRADE_METHODS)}, got {method!r}")
+    reference = "" if reference_answer is None else str(reference_answer)
+    if method == "string_first":
+        extracted = first_boxed(str(response_text or ""))
+        want = reference.strip().lower()
+        return GradeResult(extracted is not None and bool(want) and extracted.strip().lower() == want, extracted)
     try:
         extracted = last_boxed(response_text or "")
     except Exception as e:  # noqa: BLE001
         return GradeResult(False, None, f"extract: {type(e).__name__}: {e}")
     if extracted is None:
         return GradeResult(False, None, None)
-    reference = "" if reference_answer is None else str(reference_answer)
     try:
         string_equal = bool(reference.strip()) and normalize_answer(extracted) == normalize_answer(reference)
     except Exception as e:  # noqa: BLE001

@@ -34,7 +34,9 @@ CLIP_MODES = ("token", "vocab")
 
 @dataclasses.dataclass(frozen=True)
 class OPSDConfig:
-    """OPSD options (defaults: paper v1; v3 is beta=0.0 with a clip, see `clip_tau`)."""
+    """OPSD options (defaults: paper v1). v3 is beta=0.0 (forward KL) with the per-token clip: the
+    public v3 code caps each vocabulary entry's KL summand at tau = 0.05 (Qwen3-1.7B/4B; 0.06 for 8B),
+    i.e. clip_tau=0.05, clip_mode="vocab" (configs/paper/opsd-v3-* and configs/public/opsd-*)."""
 
     beta: float = field(0.5, "generalized-JSD weight, TRL convention: 0 = forward KL(teacher || student), "
                              "1 = reverse KL")
@@ -53,9 +55,18 @@ class OPSDConfig:
                                                               "current weights | ema: a moving average of the LoRA")
     ema_decay: float = field(0.999, "decay of the ema teacher")
     chunk_size: int | None = field(divergence.DEFAULT_CHUNK, "rollout positions per lm-head chunk (None = one chunk)")
+    reason_first: bool = field(False, "the teacher first writes its own analysis of the reference solution (a "
+                                      "generation of up to max_reasoning_tokens, prompts.reason_first), then scores "
+                                      "the rollout after it (the public code's variant; teacher fixed or live)")
+    max_reasoning_tokens: int = field(4096, "reason_first: longest analysis the teacher writes")
 
     def __post_init__(self):
         check_number(self.beta, "beta", 0.0, 1.0)
+        check(isinstance(self.max_reasoning_tokens, int) and self.max_reasoning_tokens > 0, "max_reasoning_tokens",
+              "must be a positive int")
+        check(not (self.reason_first and self.teacher == "ema"), "reason_first",
+              "needs teacher fixed or live (the analysis is sampled with the teacher's weights; the EMA tree is not "
+              "a sampler input)")
         check_number(self.temperature, "temperature", 0.0, None, lo_open=True)
         if self.clip_tau is not None:
             check_number(self.clip_tau, "clip_tau", 0.0, None, lo_open=True)

@@ -48,6 +48,12 @@ class Setup:
     data_parallel: int  # data-parallel devices
     sample: SampleFn | None = None
     log: Callable[[str], None] = print
+    # (attempt, count) -> `count` further records for the step being built, the same on every run and
+    # process (GRPO's dynamic sampling refills with them); None: not available
+    more_records: Callable[[int, int], list[dict]] | None = None
+    # (lora, batch) -> host numpy of `Method.logprobs` over every micro-batch of a [grad_accum, micro, ...]
+    # batch, jitted by the trainer with the base weights (exact old log-probs for num_iterations > 1)
+    score: Callable[[Any, Any], Any] | None = None
 
 
 class StepBatch(NamedTuple):
@@ -72,8 +78,11 @@ class Method:
     ema_decay: float | None = None
     # settings that can never change when a run of this method is resumed (the checkpoint depends on them)
     fixed_on_resume: ClassVar[tuple[str, ...]] = ()
-    # a note on what `prepare` drops, for the log line that counts the drops
-    length_limit: ClassVar[str] = "data.max_prompt_tokens"
+    # why `prepare` drops (returns None) or cuts an example unless it says otherwise (see LENGTH_OPTIONS)
+    drop_reason: ClassVar[str] = "prompt_too_long"
+    # optimizer steps that train on one batch (GRPO's num_iterations): the trainer builds a batch every
+    # `updates_per_batch` steps, from the records of step // updates_per_batch, and reuses it in between
+    updates_per_batch: int = 1
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -83,8 +92,10 @@ class Method:
         """Records (problems) per optimizer step for `sequences` trained sequences per step."""
         return sequences
 
-    def prepare(self, record: dict) -> dict | None:
-        """The record with the token ids this method needs added, or None when it is too long."""
+    def prepare(self, record: dict) -> dict | str | None:
+        """The record with the token ids this method needs added; or, for an example that does not fit,
+        the reason it is dropped (a key of LENGTH_OPTIONS; None: `drop_reason`). A kept example that
+        was cut says so in its "truncated" entry (True or the reason). The trainer counts every reason."""
         raise NotImplementedError
 
     def make_batch(self, records: list[dict], lora, rng) -> StepBatch:
@@ -93,6 +104,11 @@ class Method:
 
     def loss(self, lora, params, batch, rng, teacher_lora=None):
         """(loss, metrics) of one micro-batch: pure, jit-able, differentiable w.r.t. `lora`."""
+        raise NotImplementedError
+
+    def logprobs(self, lora, params, batch):
+        """Per-token log-probs of one micro-batch under (params, lora): pure, jit-able; what
+        `setup.score` evaluates (only methods that use `score` implement it)."""
         raise NotImplementedError
 
     def batch_shapes(self) -> Any:
@@ -158,6 +174,13 @@ def stack_micro(batch: Any, accum: int) -> Any:
     if isinstance(batch, dict):
         return {k: split(v) for k, v in batch.items()}
     return type(batch)(*(split(v) for v in batch))
+
+
+# why an example is dropped or cut -> the option that decides it (named in the trainer's log line; the
+# counts go to metrics.jsonl as data/dropped/<reason> and data/truncated/<reason>)
+LENGTH_OPTIONS = {"prompt_too_long": "data.max_prompt_tokens",
+                  "teacher_prompt_too_long": "data.max_teacher_prompt_tokens",
+                  "too_long": "data.max_length"}
 
 
 # ---------------------------------------------------------------------------------------------

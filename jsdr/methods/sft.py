@@ -13,7 +13,7 @@ class SFT(Method):
     name = "sft"
     config_cls = SFTConfig
     defaults = {"train": {"per_device_batch": 2, "grad_accum": 4}}
-    length_limit = "data.max_length"
+    drop_reason = "too_long"
 
     def prepare(self, record: dict) -> dict | None:
         """Student prompt + solution ids. Longer than data.max_length: dropped, or (data.overlong=truncate)

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from jsdr import distributed as dist
 from jsdr.errors import JsdrError
 
 from jsdr.model.params import ModelConfig, declarations
@@ -463,17 +464,11 @@ def _read_one(index: TensorIndex, name: str, transpose: bool, idx: tuple) -> np.
 # save
 
 
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
 
 def hf_tensors(params: Params, cfg: ModelConfig, dtype=None) -> Iterable[tuple[str, np.ndarray]]:
     """Yield (HF name, host array) for every tensor, one leaf at a time."""
     for decl in declarations(cfg):
-        arr = _to_host(_get(params, decl.path))
+        arr = np.asarray(dist.fetch(_get(params, decl.path)))
         if dtype is not None:
             arr = arr.astype(np.dtype(jnp.dtype(dtype)))
         if decl.stacked:

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jsdr import distributed as dist
 from jsdr.config import check, field
-from jsdr.model.hf import (SUPPORTED_ARCHITECTURES, CheckpointError, SafetensorsFile, _one_line, _to_host,
+from jsdr.model.hf import (SUPPORTED_ARCHITECTURES, CheckpointError, SafetensorsFile, _one_line,
                            write_safetensors)
 from jsdr.model.params import LORA_TARGETS, PARAMS, ModelConfig, Param, axis_sizes
 from jsdr.model.transformer import Params
@@ -232,7 +233,7 @@ _PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the base model's module n
 def peft_tensors(lora: Params, dtype=None):
     """Yield (PEFT key, host array) for every LoRA matrix of every layer (A as [r, in], B as [out, r])."""
     for name, block, leaves in _modules(lora):
-        a, b = _to_host(leaves["lora_a"]), _to_host(leaves["lora_b"])
+        a, b = np.asarray(dist.fetch(leaves["lora_a"])), np.asarray(dist.fetch(leaves["lora_b"]))
         if dtype is not None:
             a, b = a.astype(np.dtype(jnp.dtype(dtype))), b.astype(np.dtype(jnp.dtype(dtype)))
         for i in range(a.shape[0]):
