@@ -25,7 +25,10 @@ Without --layouts the config's own mesh and remat are planned: the first row ans
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import inspect
 import itertools
 import json
 import math
@@ -51,6 +54,7 @@ from jsdr.model.attention import resolve_impl
 from jsdr.model.params import ModelConfig
 from jsdr.model.transformer import Model, param_axes, param_shapes
 from jsdr.sampling import Sampler
+from jsdr_kernels.common import compile_for_gpu
 
 GIB = 1024 ** 3
 
@@ -596,6 +600,21 @@ def _train_flops(mcfg, tokens: int, seq: int, forwards: int = 1) -> float:
     return fwd * (1 + 2) + fwd * (forwards - 1)
 
 
+def _kernels_for(fn):
+    """Run `fn(..., devices, compiler, ...)` with the Pallas kernels building for `devices`' GPU when
+    the compiler is the GPU one: without it they would ask jax.default_backend() (the CPU of a planning
+    machine) and the planner would compile and measure their interpret-mode loops, not Triton."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kw):
+        bound = inspect.signature(fn).bind(*args, **kw)
+        devices, compiler = bound.arguments["devices"], bound.arguments["compiler"]
+        ctx = compile_for_gpu(devices[0].device_kind) if compiler == "gpu" else contextlib.nullcontext()
+        with ctx:
+            return fn(*args, **kw)
+    return wrapped
+
+
+@_kernels_for
 def plan_train(cfg, mesh_sizes: dict, remat: str, target: Target, devices: list, compiler: str,
                model_name: str, rollout: bool = True, engines: Sequence[str] = ("dense", "paged"),
                decode_tensors: Sequence[int] = ()) -> list[Row]:
@@ -823,6 +842,7 @@ def plan_paged(sampler: Sampler, params, lora, num_prompts: int, prompt_len: int
     return rows
 
 
+@_kernels_for
 def plan_eval(model_name: str, mesh_sizes: dict, target: Target, devices: list, compiler: str, *,
               num_prompts: int = 8, prompt_len: int = 512, dtype: str = "bfloat16", sc=None,
               engines: Sequence[str] = ("dense", "paged"), decode_tensors: Sequence[int] = (),

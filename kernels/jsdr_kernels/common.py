@@ -3,8 +3,10 @@ masked softmax of the pure-JAX references, and the Triton compiler parameters. A
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -14,6 +16,7 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 LOG2E = math.log2(math.e)
+_TARGET_KIND: list[str] = []  # stack of compile_for_gpu() device kinds
 MASKED = -1e30  # logit (base-2 units) of a masked entry; finite so that max/exp never see inf - inf
 
 
@@ -57,3 +60,25 @@ def compiler_params(interpret: bool, num_warps: int, num_stages: int):
     if interpret or plgpu is None:
         return None
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+@contextlib.contextmanager
+def compile_for_gpu(device_kind: str):
+    """While active, the kernels build for a GPU of `device_kind` (Triton, the tiles of that GPU)
+    whatever `jax.default_backend()` says: for programs compiled for compile-only GPU devices on a
+    machine without one (jsdr.plan), which would otherwise get the interpret-mode loops."""
+    _TARGET_KIND.append(device_kind)
+    try:
+        yield
+    finally:
+        _TARGET_KIND.pop()
+
+
+def target_kind() -> str | None:
+    """The device kind of the active `compile_for_gpu`, else that of the first device when it is a
+    GPU, else None (interpret mode)."""
+    if _TARGET_KIND:
+        return _TARGET_KIND[-1]
+    if jax.default_backend() == "gpu":
+        return jax.devices()[0].device_kind
+    return None

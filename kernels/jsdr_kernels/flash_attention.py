@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, \
+from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, target_kind, \
     is_pow2 as _is_pow2, masked_softmax, next_pow2 as _next_pow2, pad_axis as _pad_axis
 
 __all__ = ["BlockSizes", "default_block_sizes", "gpu_generation", "flash_attention",
@@ -113,16 +113,22 @@ def gpu_generation(device_kind: str) -> str:
     return "ampere"
 
 
-def default_block_sizes(head_dim: int, device_kind: str | None = None) -> BlockSizes:
-    """Default tiles for `head_dim` on `device_kind` (default: the first device; CPU -> interpret)."""
+def default_block_sizes(head_dim: int, device_kind: str | None = None, dtype=None) -> BlockSizes:
+    """Default tiles for `head_dim` on `device_kind` (default: the GPU being compiled for, see
+    `common.compile_for_gpu`, else the first device; CPU -> interpret) for inputs of `dtype` (default
+    16-bit). 4-byte inputs get forward tiles of at most 64 x 64 in 2 stages: the tables' 128 x 128
+    float32 forward asks an H100 for more shared memory than it has."""
     if device_kind is None:
-        dev = jax.devices()[0]
-        if dev.platform != "gpu":
+        device_kind = target_kind()
+        if device_kind is None:
             return _INTERPRET_DEFAULT
-        device_kind = dev.device_kind
     table = _GPU_TABLES[gpu_generation(device_kind)]
     d = _next_pow2(max(head_dim, 16))
-    return table[64 if d <= 64 else 128 if d <= 128 else 256]
+    bs = table[64 if d <= 64 else 128 if d <= 128 else 256]
+    if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+        bs = dataclasses.replace(bs, block_q=min(bs.block_q, 64), block_k=min(bs.block_k, 64),
+                                 num_stages=min(bs.num_stages or 2, 2))
+    return bs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,8 +413,8 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offset=0
 
     scale = float(D ** -0.5 if scale is None else scale)
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    bs = block_sizes or default_block_sizes(D)
+        interpret = target_kind() is None
+    bs = block_sizes or default_block_sizes(D, dtype=q.dtype)
     bq, bq_dkv, bq_dq = (_fit(b, T) for b in (bs.block_q, bs.block_q_dkv, bs.block_q_dq))
     bk, bk_dkv, bk_dq = (_fit(b, S) for b in (bs.block_k, bs.block_k_dkv, bs.block_k_dq))
     Tp = _round_up(T, max(bq, bq_dkv, bq_dq))

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, \
+from jsdr_kernels.common import LOG2E as _LOG2E, MASKED as _MASKED, compiler_params, dot as _dot, target_kind, \
     is_pow2 as _is_pow2, masked_softmax, next_pow2 as _next_pow2, pad_axis as _pad_axis
 
 __all__ = ["default_pages_per_block", "paged_attention", "reference_paged_attention"]
@@ -159,7 +159,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float | 
         raise ValueError(f"paged_attention: q dtype {q.dtype} is not floating point")
     M = page_table.shape[1]
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_kind() is None
     ppb = default_pages_per_block(S, M) if pages_per_block is None else int(pages_per_block)
     if ppb < 1:
         raise ValueError(f"paged_attention: pages_per_block={ppb} must be >= 1")
