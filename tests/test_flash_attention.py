@@ -266,3 +266,28 @@ def test_shape_errors_name_the_problem():
         flash.flash_attention(q[:, :, :2], k, k, jnp.ones((1, 7), jnp.int32), jnp.ones((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="must both be"):
         flash.flash_attention(q[:, :, :2], k, k[..., :8])
+
+
+@pytest.mark.parametrize("seg,T,S,off", [("left+packed", 37, 37, 0), ("none", 32, 32, 0), ("left", 9, 40, 31)])
+def test_cudnn_impl_masks_equal_xla(monkeypatch, seg, T, S, off):
+    """The "cudnn" impl's arguments to jax.nn.dot_product_attention, run by JAX's XLA implementation
+    (cuDNN itself needs a GPU): causality goes as is_causal exactly when it is the plain triangle
+    (T == S, offset 0) and the explicit mask then only adds the segments; output and gradients equal
+    impl="xla" on packed and padded rows, and on a cache-style offset where is_causal must stay off."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def xla_dpa(*args, implementation=None, **kw):
+        calls.append((implementation, kw["is_causal"]))
+        return real(*args, implementation="xla", **kw)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_dpa)
+    q, k, v, do, qseg, kseg = _inputs(2, T, S, 4, 2, 32, jnp.float32, seg)
+
+    def run(impl):
+        f = lambda q, k, v: attn.attention(q, k, v, qseg, kseg, q_offset=off, causal=True, impl=impl)  # noqa: E731
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(do))
+    got, want = run("cudnn"), run("xla")
+    assert calls == [("cudnn", T == S and off == 0)]
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _rel_err(np.asarray(a), np.asarray(b)) <= F32_TOL, what

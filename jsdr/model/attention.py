@@ -127,8 +127,16 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, scal
 
 @register("cudnn")
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, scale):
-    mask = make_mask(q_segment_ids, kv_segment_ids, q_offset, causal)[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    """cuDNN's fused attention. Causality goes to cuDNN as its own mask type (`is_causal`) whenever it
+    is the plain lower triangle (queries and keys the same positions: T == S and a static offset 0),
+    so that cuDNN skips the tiles above the diagonal; the explicit mask then holds only what the
+    segment ids add (packing, padding). Rows that see no key (padding) give zeros, as in "xla"."""
+    plain_causal = causal and q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
+    mask = make_mask(q_segment_ids, kv_segment_ids, q_offset, causal and not plain_causal)[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=plain_causal,
+                                       implementation="cudnn")
+    # with T == S a row that sees a key of its segment sees its own position (on the diagonal), so the
+    # segment mask alone says which rows see nothing
     return jnp.where((mask.any(-1))[:, 0, :, None, None], out, 0).astype(q.dtype)
 
 
