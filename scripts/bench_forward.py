@@ -291,10 +291,11 @@ def build_model(args, out_dir):
     return sum(p.numel() for p in model.parameters())
 
 
-def worker_argv(args) -> list[str]:
+def worker_argv(args, skip=("worker", "json", "modes", "baseline")) -> list[str]:
+    """The driver's options as command-line flags for a worker, less those in `skip`."""
     out = []
     for k, v in vars(args).items():
-        if k in ("worker", "json", "modes", "baseline"):
+        if k in skip:
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
