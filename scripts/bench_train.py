@@ -5,8 +5,8 @@
     python scripts/bench_train.py --method grpo --device cuda --dtype bfloat16 --hidden 1024 --layers 16 \\
         --batch 32 --max-new-tokens 512                                       # a GPU machine
 
-Needs TRL 1.x beside jsdr's dependencies (`pip install trl==1.16.0`; it brings nothing that jsdr's
-`transformers`/`peft`/`torch` do not already satisfy).
+Needs TRL 1.x beside jsdr's test extra (`pip install -e ".[test,bench]"`, or `pip install trl==1.16.0`;
+it brings nothing that jsdr's `transformers`/`peft`/`torch` do not already satisfy).
 
 What is shared. The driver builds, once per run, a random Qwen3-architecture model with
 `transformers` (`--hidden/--layers/...`, untied unless `--tied`) and `save_pretrained`s it with one
@@ -763,7 +763,7 @@ def main(argv=None):
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise SystemExit("TRL is not installed: pip install trl==1.16.0") from None
+        raise SystemExit("TRL is not installed: pip install -e \".[test,bench]\" (or pip install trl==1.16.0)") from None
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="bench_train_")
     assets = Path(args.keep or tmp.name)
     assets.mkdir(parents=True, exist_ok=True)
