@@ -24,8 +24,10 @@ from jsdr import config as C
 from jsdr import methods
 from jsdr.train import TrainConfig
 from jsdr.data import datasets as D
+from jsdr.data import prompts as P
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,  # the same examples on every run
+                    suppress_health_check=[HealthCheck.too_slow])
 LEAVES = C.leaf_paths(TrainConfig)
 KEYS = [k for k, _, _ in LEAVES]
 SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
@@ -112,15 +114,27 @@ def test_partial_section_override_keeps_base_defaults(case):
         after = C.load(TrainConfig, None, [f"--{key}={value}"], base=base)
     except C.ConfigError:
         return  # a value the section's own checks refuse (e.g. a range); nothing to compare
+    # prompts.preset is the one key that sets others: the prompt fields the base leaves unset take the
+    # preset's values
+    driven = {f"prompts.{k}" for k in P.PRESETS[value]} if key == "prompts.preset" else set()
     for k in KEYS:
-        if k != key:
+        if k != key and k not in driven:
             assert _get(after, k) == _get(before, k), (k, key, value)
+    for k in driven:
+        given = base.get("prompts", {}).get(k.split(".", 1)[1])
+        assert _get(after, k) == (P.PRESETS[value][k.split(".", 1)[1]] if given is None else given), k
     # the base's keys of the overridden section survive
     section = key.split(".")[0]
     for k, v in base.get(section, {}).items():
         if f"{section}.{k}" != key:
             assert _get(after, f"{section}.{k}") == v
     _round_trips(after)
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_preset_override_sets_the_prompt_fields_and_nothing_else(method):
+    """The case hypothesis found: --prompts.preset=public_v1 over a method's defaults."""
+    test_partial_section_override_keeps_base_defaults.hypothesis.inner_test((method, "prompts.preset", "public_v1"))
 
 
 def test_partial_section_override_example():
