@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # runnable from a checkout without `pip install -e .`: jsdr from the repository root, jsdr_kernels
 # from kernels/ (its source root; see docs/attention.md)
 _REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_REPO), str(_REPO / "kernels")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import time_call  # noqa: E402  (median of timed calls after warm-up)
 
 GPU_LENGTHS = "1024,2048,4096,8192,16384"
 CPU_LENGTHS = "128,256"
@@ -41,15 +41,7 @@ def flops(batch, heads, t, s, d, causal, backward):
 
 
 def _time(fn, args, warmup, repeats):
-    import jax
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time_call(fn, args, warmup, repeats)[0]
 
 
 def main(argv=None):

@@ -20,21 +20,11 @@ from jsdr.model.lora import LoraConfig, init_lora
 from jsdr.model.params import ModelConfig
 from jsdr.model.transformer import Model, init_params
 from jsdr.sampling import SampleOutput, SamplingConfig
+from tests.test_losses import _close, _t
 
 torch.set_default_dtype(torch.float64)
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
-
-
-def _t(x):
-    return torch.tensor(np.asarray(x, np.float64))
-
-
-def _close(got, want, rtol=2e-5, what=""):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = max(1e-6, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= rtol * scale + 1e-7, f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
 # ---------------------------------------------------------------------------------------------
