@@ -84,7 +84,8 @@ def compiled(h100, toy_tiny_assets, tmp_path_factory):
     """{method: (Row, compiled HLO text)} of every method's train step as jsdr.plan compiles it, and
     {"dense" | "paged": {"prefill" | "decode": HLO text}} of a Sampler whose model asks for Pallas
     attention (the dense engine decodes with XLA attention whatever it asks; the paged engine's decode
-    steps take the Pallas paged kernel), with the paged engine's geometry under "paged_info"."""
+    steps take the Pallas paged kernel; "paged" also has "prefill_fresh", a first chunk), with the
+    paged engine's geometry under "paged_info"."""
     seen: list = []
     analyse = plan._analyse
 
@@ -116,9 +117,10 @@ def compiled(h100, toy_tiny_assets, tmp_path_factory):
         sampler = Sampler(Model(mcfg, lora_scale=lcfg.scale, dtype="bfloat16", attn_impl="pallas"), mesh=mesh,
                           pad_id=0, rules=rules)
         dense = sampler.compile_programs(params, lora, 2, 32, sc)
-        paged = sampler.compile_paged(params, lora, 2, 32, sc, device_bytes=H100.hbm_bytes, pool_pages=16)
+        paged = sampler.compile_paged(params, lora, 2, 32, sc, device_bytes=H100.hbm_bytes, pool_pages=16,
+                                      fresh_prefill=True)
     out["dense"] = {name: dense[name].as_text() for name in ("prefill", "decode")}
-    out["paged"] = {name: paged[name].as_text() for name in ("prefill", "decode")}
+    out["paged"] = {name: paged[name].as_text() for name in ("prefill", "prefill_fresh", "decode")}
     out["paged_info"] = paged["info"]
     return out
 
@@ -135,9 +137,12 @@ def test_train_steps_compile_with_the_pallas_kernels(compiled, method):
 
 
 def test_sampler_programs_compile_for_both_engines(compiled):
-    # the dense engine and the paged prefill attend with XLA; the paged decode step with the Pallas kernel
-    assert not triton_kernels(compiled["dense"]["prefill"]) and not triton_kernels(compiled["dense"]["decode"])
-    assert not triton_kernels(compiled["paged"]["prefill"])
+    # prefills whose tokens are the whole context (the dense engine's; the paged engine's first chunk)
+    # run the flash kernel's forward; a later paged chunk and the dense decode attend with XLA; the
+    # paged decode step with the Pallas paged kernel
+    assert triton_kernels(compiled["dense"]["prefill"]) == ["flash_attention_fwd"]
+    assert triton_kernels(compiled["paged"]["prefill_fresh"]) == ["flash_attention_fwd"]
+    assert not triton_kernels(compiled["dense"]["decode"]) and not triton_kernels(compiled["paged"]["prefill"])
     assert triton_kernels(compiled["paged"]["decode"]) == ["paged_attention"]
     info = compiled["paged_info"]
     assert info["decode_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1} and info["pool_pages"] == 16

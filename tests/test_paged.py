@@ -217,10 +217,29 @@ def test_eight_devices_decode_layout_matches_and_gathers_no_weights(model, tenso
         assert _allgathers_in_loop(dense["decode"]) > 0  # the check can fail
 
 
-def test_pallas_paged_decode_equals_xla(model):
-    """attn_impl="pallas" decodes through the Pallas paged-attention kernel (interpret mode here)."""
+def test_pallas_sampling_equals_xla(model, monkeypatch):
+    """attn_impl="pallas" decodes through the Pallas paged-attention kernel and prefills through the
+    flash kernel where the new tokens are the whole context: the paged engine's first chunk (every
+    row at position 0), the dense engine's prefill (interpret mode here). A later chunk attends to
+    the pages of the earlier ones and stays on the XLA path. Same tokens and log-probs as impl xla."""
+    from jsdr.model import attention as attn
+    traced = []  # (query length, kv length) of every flash-kernel call traced
+
+    def spy(q, k, *args, **kw):
+        traced.append((q.shape[1], k.shape[1]))
+        return flash_attention(q, k, *args, **kw)
+
+    flash_attention = attn.flash.flash_attention
+    monkeypatch.setattr(attn.flash, "flash_attention", spy)
     params, sampler = model
-    sc = dataclasses.replace(BASE, n=2, max_new_tokens=6, temperature=1.0)
-    ref = sampler.generate(params, None, PROMPTS[:3], sc)
+    prompts = [PROMPTS[i] for i in (0, 2, 4)]  # 3, 17 and 30 tokens: the 30-token prompt takes 2 chunks of 16
+    sc = dataclasses.replace(BASE, n=2, max_new_tokens=6, temperature=1.0, prefill_chunk=16)
     kernel = Sampler(Model(CFG, attn_impl="pallas"), pad_id=0)
-    _same(ref, kernel.generate(params, None, PROMPTS[:3], sc))
+    for engine in ("paged", "dense"):
+        traced.clear()
+        e_sc = dataclasses.replace(sc, engine=engine)
+        _same(sampler.generate(params, None, prompts, e_sc), kernel.generate(params, None, prompts, e_sc), engine)
+        if engine == "paged":  # one fresh 16-token chunk program (the second chunk reads pages)
+            assert traced == [(16, 16)] * 2, traced  # traced twice by the layer scan
+        else:  # the dense prefill over the 32-token prompt bucket
+            assert traced and all(t == (32, 32) for t in traced), traced

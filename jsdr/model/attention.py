@@ -188,13 +188,16 @@ class PagedKV(NamedTuple):
     j*S+S-1) is pool page page_table[b, j] (local id under a mesh). valid [B, T] bool: which of the
     new tokens are real; the others write to the scratch page. The new tokens' positions (the
     decoder's `positions`) say where they are written; a query at position p attends to positions
-    0..p of its row.
+    0..p of its row. fresh (a Python bool, static): every row's new tokens start at position 0, so
+    they attend only to each other, and with impl "pallas" the flash kernel runs on them directly
+    (a prefill's first chunk) instead of reading them back from the pages.
     """
 
     k: jax.Array
     v: jax.Array
     page_table: jax.Array
     valid: jax.Array
+    fresh: bool = False
 
 
 class PagedIndex(NamedTuple):
@@ -202,6 +205,7 @@ class PagedIndex(NamedTuple):
 
     page_table: jax.Array
     valid: jax.Array
+    fresh: bool = False
 
 
 def paged_xla(q, k_pool, v_pool, page_table, positions, scale):
@@ -221,7 +225,8 @@ def paged_xla(q, k_pool, v_pool, page_table, positions, scale):
     return out.transpose(1, 3, 0, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
-def _paged_local(q, k_new, v_new, k_pool, v_pool, layer, page_table, positions, valid, *, num_layers, impl, scale):
+def _paged_local(q, k_new, v_new, k_pool, v_pool, layer, page_table, positions, valid, *, num_layers, impl, scale,
+                 fresh=False):
     """Per shard: write the new keys/values into this layer's pages, then attend over them."""
     K, LP, S, _ = k_pool.shape
     base = layer * (LP // num_layers)
@@ -236,6 +241,9 @@ def _paged_local(q, k_new, v_new, k_pool, v_pool, layer, page_table, positions, 
         from jsdr_kernels.paged_attention import paged_attention as kernel
         lengths = jnp.where(valid[:, 0], positions[:, 0] + 1, 0).astype(jnp.int32)
         o = kernel(q[:, 0], k_pool, v_pool, table, lengths, scale=scale)[:, None]
+    elif impl == "pallas" and fresh:  # a first prefill chunk: its tokens are the whole context
+        seg = valid.astype(jnp.int32)
+        o = flash.flash_attention(q, k_new, v_new, seg, seg, 0, causal=True, scale=scale)
     else:
         o = paged_xla(q, k_pool, v_pool, table, positions, scale)
     return jnp.where(valid[:, :, None, None], o, 0).astype(q.dtype), k_pool, v_pool
@@ -263,13 +271,14 @@ def paged_attention(q, k_new, v_new, k_pool, v_pool, layer, index: PagedIndex, p
                     impl: str = "xla", scale: float | None = None):
     """Write k_new / v_new [B, T, K, D] at `positions` [B, T] into layer `layer`'s pages of the pools
     and attend with q [B, T, H, D] (causally, over positions 0..p of the row). Returns (out [B, T, H,
-    D], k_pool, v_pool). impl "pallas" runs decode steps (T == 1) through the Pallas paged kernel;
-    everything else gathers the pages in XLA. Under an active mesh the whole op runs per shard in
+    D], k_pool, v_pool). impl "pallas" runs decode steps (T == 1) through the Pallas paged kernel and
+    chunks that start every row at position 0 (index.fresh) through the flash kernel; everything
+    else gathers the pages in XLA. Under an active mesh the whole op runs per shard in
     `shard_map` (rows and pages over the data-parallel axes, heads over "tensor" when the kv heads
     split), so no pool page ever crosses a device."""
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    fn = functools.partial(_paged_local, num_layers=num_layers, impl=impl, scale=scale)
+    fn = functools.partial(_paged_local, num_layers=num_layers, impl=impl, scale=scale, fresh=index.fresh is True)
     args = (q, k_new, v_new, k_pool, v_pool, jnp.asarray(layer, jnp.int32), index.page_table,
             positions.astype(jnp.int32), index.valid)
     mesh = sharding.active_mesh()

@@ -170,6 +170,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, _declare(self, "scale", self.cfg, self.param_dtype), self.cfg.rms_norm_eps)
 
 
+def _fresh_prefill(cache_index, cache_len: int, length: int) -> bool:
+    """True when the cache write index is the static 0 (a Python int, as `init_cache(...,
+    static_index=True)` gives) and the cache is exactly as long as the new tokens."""
+    return isinstance(cache_index, int) and cache_index == 0 and cache_len == length
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     attn_impl: str = "xla"
@@ -212,11 +218,19 @@ class Attention(nn.Module):
                                                   (layer, 0, 0, 0, cache_index))
             cv_all = jax.lax.dynamic_update_slice(cv_all, v.transpose(0, 2, 1, 3)[None].astype(cv_all.dtype),
                                                   (layer, 0, 0, cache_index, 0))
-            ck = constrain(jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False), CACHE_AXES["k"][1:])
-            cv = constrain(jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False), CACHE_AXES["v"][1:])
-            o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_segment_ids=segment_ids,
-                          kv_segment_ids=cache_segment_ids, q_offset=cache_index, causal=True,
-                          impl="xla" if self.attn_impl == "pallas" else self.attn_impl, kv_layout="cache")
+            if self.attn_impl != "xla" and _fresh_prefill(cache_index, ck_all.shape[-1], length):
+                # a prefill into an empty cache of its own length: the new tokens attend only to
+                # themselves, so the training kernel (flash / cuDNN's causal path) applies as is
+                o = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_offset=0,
+                              causal=True, impl=self.attn_impl)
+            else:
+                ck = constrain(jax.lax.dynamic_index_in_dim(ck_all, layer, axis=0, keepdims=False),
+                               CACHE_AXES["k"][1:])
+                cv = constrain(jax.lax.dynamic_index_in_dim(cv_all, layer, axis=0, keepdims=False),
+                               CACHE_AXES["v"][1:])
+                o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_segment_ids=segment_ids,
+                              kv_segment_ids=cache_segment_ids, q_offset=cache_index, causal=True,
+                              impl="xla" if self.attn_impl == "pallas" else self.attn_impl, kv_layout="cache")
             new_cache = (ck_all, cv_all)
         o = linear(name="o_proj")(o.reshape(batch, length, heads * head_dim), drop(3))
         return o, new_cache
@@ -307,7 +321,7 @@ class Decoder(nn.Module):
             h, _ = layers(h, (drop_keys, layer_ids), positions, segment_ids, inv_freq, None, 0)
             new_cache = None
         elif isinstance(cache, PagedKV):
-            index = PagedIndex(cache.page_table, cache.valid)
+            index = PagedIndex(cache.page_table, cache.valid, cache.fresh)
             (h, ks, vs), _ = layers((h, cache.k, cache.v), (drop_keys, layer_ids), positions, segment_ids,
                                     inv_freq, index, 0)
             new_cache = cache._replace(k=ks, v=vs)
@@ -390,13 +404,16 @@ CACHE_AXES = {"k": ("layers", "act_batch", "act_kv_heads", "act_head_dim", "cach
 CACHE_SEQ_AXIS = {name: axes.index("cache_seq") for name, axes in CACHE_AXES.items()}
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, static_index: bool = False) -> dict:
     """An empty KV cache for `length` slots: k [L, B, K, D, S], v [L, B, K, S, D] (see CACHE_AXES),
-    segment ids [B, S] (0 = empty slot), write index."""
+    segment ids [B, S] (0 = empty slot), write index. static_index=True: the index is the Python int
+    0, for a cache that one prefill of exactly `length` tokens fills (it can then attend through the
+    model's attention kernel instead of over the cache; such a cache cannot be a loop carry)."""
     layers, kv_heads, head_dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     return {"k": jnp.zeros((layers, batch, kv_heads, head_dim, length), dtype),
             "v": jnp.zeros((layers, batch, kv_heads, length, head_dim), dtype),
-            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+            "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": 0 if static_index else jnp.zeros((), jnp.int32)}
 
 
 # ---------------------------------------------------------------------------------------------

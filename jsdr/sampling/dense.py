@@ -147,7 +147,7 @@ class DenseSampler:
     def _prefill_impl(self, params, lora, tokens, segment_ids):
         self.num_compiles += 1
         prompt_rows, prompt_len = tokens.shape
-        cache = init_cache(self.cfg, prompt_rows, prompt_len, self._cache_dtype(params))
+        cache = init_cache(self.cfg, prompt_rows, prompt_len, self._cache_dtype(params), static_index=True)
         h, cache = self.model.hidden(params, lora, tokens=tokens, positions=positions_from_segments(segment_ids),
                                      segment_ids=segment_ids, cache=cache)
         logits = self.model.logits(params, h[:, -1])

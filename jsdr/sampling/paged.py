@@ -90,7 +90,7 @@ class Programs:
         self.pad_id = int(pad_id)
         self.filter_bound = int(filter_bound)
         self.num_compiles = 0  # traces of the prefill/decode programs (each trace = one compile)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("k_pool", "v_pool"))
+        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("k_pool", "v_pool"), static_argnames=("fresh",))
         self._decode = jax.jit(self._decode_impl, donate_argnames=("k_pool", "v_pool", "slots"),
                                static_argnames=("steps", "greedy", "filtered", "penalty"),
                                compiler_options=DECODE_COMPILER_OPTIONS)
@@ -161,11 +161,12 @@ class Programs:
 
     # ----- traced bodies
 
-    def _prefill_impl(self, params, lora, k_pool, v_pool, tokens, positions, valid, page_table):
+    def _prefill_impl(self, params, lora, k_pool, v_pool, tokens, positions, valid, page_table, fresh=False):
         """Feed tokens [R, C] at positions [R, C] (valid marks real tokens) through the model, writing
-        their keys and values into the pages of page_table [R, M]; returns the pools."""
+        their keys and values into the pages of page_table [R, M]; returns the pools. fresh (static):
+        every row starts at position 0 (see PagedKV.fresh)."""
         self.num_compiles += 1
-        cache = PagedKV(k_pool, v_pool, page_table, valid)
+        cache = PagedKV(k_pool, v_pool, page_table, valid, fresh)
         _, cache = self.model.hidden(params, lora, tokens=tokens, positions=positions,
                                      segment_ids=valid.astype(jnp.int32), cache=cache)
         return cache.k, cache.v
@@ -247,10 +248,13 @@ class Programs:
 
     # ----- calls (under the decode mesh)
 
-    def prefill(self, params, lora, pools, tokens, positions, valid, page_table):
+    def prefill(self, params, lora, pools, tokens, positions, valid, page_table, fresh: bool = False):
+        """fresh: every row of the call starts at position 0. Only the Pallas model uses it (its first
+        chunks attend through the flash kernel); other impls keep one program per shape."""
+        fresh = bool(fresh) and self.model.attn_impl == "pallas"
         with self.ctx():
             return self._prefill(params, lora, *pools, self.put_rows(tokens), self.put_rows(positions),
-                                 self.put_rows(valid), self.put_rows(page_table))
+                                 self.put_rows(valid), self.put_rows(page_table), fresh=fresh)
 
     def decode(self, params, lora, pools, slots, page_table, knobs, stop_ids, exit_done, *, steps, greedy,
                filtered, penalty):

@@ -221,13 +221,17 @@ class Sampler:
         return self.dense.memory_analysis(params, lora, num_prompts, prompt_len, sc)
 
     def compile_paged(self, params, lora, num_prompts: int, prompt_len: int, sc: SamplingConfig, *,
-                      device_bytes: int | None = None, pool_pages: int | None = None) -> dict:
+                      device_bytes: int | None = None, pool_pages: int | None = None,
+                      fresh_prefill: bool = False) -> dict:
         """The paged engine's compiled (never run) prefill and decode programs for a call of `num_prompts`
         prompts of `prompt_len` tokens, the decode program at its widest page table (every slot at full
         length). params / lora may be jax.ShapeDtypeStructs in the training layout (compile-only devices:
         jsdr.plan); they are given the decode layout here. `device_bytes` (a device's memory) drives the
         auto decode layout; `pool_pages` (per shard, default 2) sizes the pool. Returns {"prefill",
-        "decode": Compiled, "info": {...}} with the decode mesh, slots, page-table width and pool."""
+        "decode": Compiled, "info": {...}} with the decode mesh, slots, page-table width and pool.
+        "prefill" is a later chunk's program (it reads the pages of the earlier chunks; with Pallas
+        attention the larger of the two); fresh_prefill=True adds "prefill_fresh", the program of a
+        call whose rows all start at position 0 (with Pallas attention it runs the flash kernel)."""
         shapes = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
         params, lora = shapes(params), None if lora is None else shapes(lora)
         tensor = self.decode_tensor(params, sc, device_bytes, measure=False)  # the target's memory, not this machine's
@@ -265,9 +269,10 @@ class Sampler:
         compiles = prog.num_compiles
         with prog.ctx():
             R = rows * shards
-            prefill = prog._prefill.lower(params, lora, pool, pool, rowspec((R, C), jnp.int32),
-                                          rowspec((R, C), jnp.int32), rowspec((R, C), jnp.bool_),
-                                          rowspec((R, widths(-(-prompt_len // ps))), jnp.int32)).compile()
+            prefill_args = (params, lora, pool, pool, rowspec((R, C), jnp.int32), rowspec((R, C), jnp.int32),
+                            rowspec((R, C), jnp.bool_), rowspec((R, widths(-(-prompt_len // ps))), jnp.int32))
+            prefill = prog._prefill.lower(*prefill_args).compile()
+            fresh = prog._prefill.lower(*prefill_args, fresh=True).compile() if fresh_prefill else None
             decode = prog._decode.lower(params, lora, pool, pool, slots, rowspec((S, widths(full)), jnp.int32),
                                         knobs, spec((8,), jnp.int32), scalar(jnp.int32), steps=sc.decode_steps,
                                         greedy=sc.greedy, filtered=sc.filtered, penalty=penalty).compile()
@@ -275,4 +280,7 @@ class Sampler:
         info = {"decode_mesh": None if mesh is None else dict(mesh.shape), "decode_tensor": tensor, "slots": S,
                 "table_width": widths(full), "prefill_rows": R, "prefill_chunk": C, "pool_pages": shape.pages,
                 "bytes_per_page": shape.bytes_per_page(prog.tensor_split()), "page_size": ps}
-        return {"prefill": prefill, "decode": decode, "info": info}
+        out = {"prefill": prefill, "decode": decode, "info": info}
+        if fresh is not None:
+            out["prefill_fresh"] = fresh
+        return out

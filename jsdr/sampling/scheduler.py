@@ -469,6 +469,7 @@ class PagedEngine:
             positions = np.zeros((R, C), np.int32)
             valid = np.zeros((R, C), bool)
             tables = np.zeros((R, width), np.int32)
+            fresh = all(job[1] == 0 for jobs_d in todo for job in jobs_d[:rows])
             for d in range(shards):
                 for r, job in enumerate(todo[d][:rows]):
                     toks, start, table = job
@@ -480,7 +481,7 @@ class PagedEngine:
                     tables[i, :min(len(table), width)] = table[:width]
                     job[1] = start + len(piece)
                 todo[d] = [j for j in todo[d] if j[1] < len(j[0])]
-            pools = self.programs.prefill(params, lora, pools, tokens, positions, valid, tables)
+            pools = self.programs.prefill(params, lora, pools, tokens, positions, valid, tables, fresh=fresh)
             self.stats["prefill_calls"] = self.stats.get("prefill_calls", 0) + 1
         return pools
 
