@@ -199,6 +199,10 @@ def test_gpu_decode_programs_do_not_copy_the_layer_weights_per_token():
     sampler = Sampler(Model(mcfg, dtype="bfloat16"), pad_id=0, mesh=mesh, rules=sharding.DEFAULT_RULES)
     dense = sampler.compile_programs(params, None, 4, 32, sc)["decode"].as_text()
     paged = sampler.compile_paged(params, None, 4, 32, sc)["decode"].as_text()
+    # both compiled for the GPU (the paged engine kept the one-device mesh: it once fell back to the
+    # default backend, the CPU, when the mesh had one device), with their matmuls as Triton gemm fusions
+    assert "__triton_nested_gemm_fusion" in dense and "__triton_nested_gemm_fusion" in paged
+    assert "outer_dimension_partitions" not in dense + paged  # an XLA:CPU backend config
     assert not concatenated_weights(dense) and not concatenated_weights(paged)
     merged = jax.jit(sampler.dense._decode_impl, static_argnames=("n", "max_new", "greedy", "filtered", "penalty"))
     original, sampler.dense._decode = sampler.dense._decode, merged

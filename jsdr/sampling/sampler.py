@@ -104,7 +104,9 @@ class Sampler:
 
     def engine(self, tensor: int) -> PagedEngine:
         if tensor not in self._engines:
-            mesh = None if self.mesh is None or self.mesh.size == 1 else decode_mesh(self.mesh, tensor)
+            # a one-device mesh is kept: it names the device the programs compile for (a compile-only
+            # GPU in jsdr.plan), which the default backend is not
+            mesh = None if self.mesh is None else decode_mesh(self.mesh, tensor)
             programs = Programs(self.model, mesh=mesh, rules=None if mesh is None else dict(sharding.DEFAULT_RULES),
                                 pad_id=self.pad_id, filter_bound=self.filter_bound)
             self._engines[tensor] = PagedEngine(programs, context_len=self.cfg.max_position_embeddings,
