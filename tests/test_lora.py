@@ -319,6 +319,32 @@ def test_zero_init_gradients_like_peft(qwen3):
         assert not np.any(np.asarray(leaves["lora_a"])) and np.all(np.abs(np.asarray(leaves["lora_b"])).max((1, 2)) > 0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_delta_backward_equals_autodiff_and_torch(dtype):
+    """transformer.lora_delta's hand-written backward against autodiff of the same expression and
+    against torch autograd (float64), for dX, dA and dB, with two batch axes."""
+    rs = np.random.RandomState(3)
+    x, a, b = (rs.normal(size=s).astype(np.float32) for s in ((3, 7, 24), (24, 5), (5, 40)))
+    w = rs.normal(size=(3, 7, 40)).astype(np.float32)  # a random cotangent, through a weighted sum
+    dt = jnp.dtype(dtype)
+
+    def loss(f):
+        return lambda x_, a_, b_: jnp.sum(f(x_, a_, b_).astype(jnp.float32) * w)
+
+    plain = lambda x_, a_, b_: 1.7 * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_, a_), b_)
+    args = [jnp.asarray(v, dt) for v in (x, a, b)]
+    ours = jax.grad(loss(lambda *t: transformer.lora_delta(*t, 1.7)), argnums=(0, 1, 2))(*args)
+    ref = jax.grad(loss(plain), argnums=(0, 1, 2))(*args)
+    tx, ta, tb = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, a, b))
+    (1.7 * (tx @ ta) @ tb * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for name, o, r, t in zip("xab", ours, ref, (tx.grad, ta.grad, tb.grad)):
+        assert o.dtype == dt and o.shape == r.shape
+        o, r, t = np.asarray(o, np.float32), np.asarray(r, np.float32), t.numpy()
+        tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(t).max()
+        np.testing.assert_allclose(o, t, atol=tol, rtol=0, err_msg=f"d{name} vs torch")
+        np.testing.assert_allclose(o, r, atol=tol, rtol=0, err_msg=f"d{name} vs autodiff")
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout
 
