@@ -118,7 +118,7 @@ def lora_delta(x, a, b, scale: float):
     consumers, once per layout: the token-contracting dB dot got its own transposed recomputation
     of it. The LoRA fwd + bwd of scripts/bench_forward.py ran 15-25% faster this way (see
     docs/performance.md); gradients equal autodiff's (tests/test_lora.py)."""
-    return scale * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+    return _lora_delta_fwd(x, a, b, scale)[0]
 
 
 def _lora_delta_fwd(x, a, b, scale):
