@@ -16,7 +16,9 @@ fastest steps, the less load-sensitive figure); jsdr compile time
 (lower + compile); peak memory. Memory on CPU is the growth of the process's peak resident set
 (Linux VmHWM, reset through /proc/self/clear_refs once model, batch and compiled step are ready,
 before the first execution) over the resident set at that moment, for both frameworks alike; jsdr also reports XLA's compiled.memory_analysis() (temp + output bytes). On GPU torch
-reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure.
+reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure. Both workers import jsdr
+first, so both run with the glibc malloc settings that jsdr sets for XLA:CPU (`jsdr.hostmem`; the
+header line says what was set).
 
     python scripts/bench_forward.py                     # ~2-3 min on 2 CPU cores
     python scripts/bench_forward.py --hidden 1024 --layers 16 --batch 8 --seq 512   # bigger, GPU
@@ -61,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between the two sides' steps")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
@@ -113,7 +116,16 @@ def peak_since(base: int) -> int:
 # see the same load on a shared machine.
 
 
+def malloc_status() -> str:
+    """Import jsdr, which sets glibc's malloc for XLA:CPU where JAX runs on the CPU (jsdr.hostmem), and
+    say what it did. Both workers call it, so both run with the same malloc settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jsdr import hostmem
+    return hostmem.status()
+
+
 def setup_torch(args, mode, model_dir):
+    malloc = malloc_status()
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -128,7 +140,7 @@ def setup_torch(args, mode, model_dir):
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
                                                  target_modules=TARGETS, lora_dropout=0.0))
     sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-    out = {"threads": torch.get_num_threads(), "device": dev,
+    out = {"threads": torch.get_num_threads(), "device": dev, "malloc": malloc,
            "attn": getattr(model.config, "_attn_implementation", "?")}
     loss_box = {}
 
@@ -166,9 +178,9 @@ def setup_torch(args, mode, model_dir):
 def setup_jax(args, mode, model_dir):
     if args.threads and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    malloc = malloc_status()
     import jax
     import jax.numpy as jnp
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jsdr.model import hf, lora as lora_lib
     from jsdr.model import transformer
 
@@ -183,7 +195,7 @@ def setup_jax(args, mode, model_dir):
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return jnp.mean(lse - tgt)
 
-    out = {"device": str(jax.devices()[0].platform), "cpus": len(os.sched_getaffinity(0))
+    out = {"device": str(jax.devices()[0].platform), "malloc": malloc, "cpus": len(os.sched_getaffinity(0))
            if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     if mode == "forward":
         fn = jax.jit(lambda p: transformer.forward(p, inp, pos, seg, cfg))
@@ -291,7 +303,7 @@ def build_model(args, out_dir):
     return sum(p.numel() for p in model.parameters())
 
 
-def worker_argv(args, skip=("worker", "json", "modes", "baseline")) -> list[str]:
+def worker_argv(args, skip=("worker", "json", "modes", "baseline", "pause")) -> list[str]:
     """The driver's options as command-line flags for a worker, less those in `skip`."""
     out = []
     for k, v in vars(args).items():
@@ -338,7 +350,7 @@ def main(argv=None):
                 workers[fw].ready()
             for r in range(args.repeats):  # alternate which goes first
                 for fw in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
-                    time.sleep(0.3)  # let the other framework's idle worker threads stop spinning
+                    time.sleep(args.pause)  # let the other framework's idle worker threads stop spinning
                     workers[fw].step()
             for fw, w in workers.items():
                 res = w.finish()
@@ -353,6 +365,7 @@ def main(argv=None):
     print(f"\njsdr: jax {__import__('jax').__version__} on {j0.get('device')} ({j0.get('cpus')} cpus); peer: {peer}")
     hdr = f"{'measurement':<14}{'jsdr tok/s':>12}{'peer tok/s':>12}{'ratio':>7}{'best ratio':>11}{'compile s':>10}" \
           f"{'jsdr peak':>11}{'peer peak':>11}{'xla temp':>10}{'trainable':>12}{'loss jsdr/peer':>17}"
+    print(f"malloc: jsdr: {j0.get('malloc')}; peer: {t0.get('malloc')}")
     print(hdr)
     print("-" * len(hdr))
     rows = {}
