@@ -16,9 +16,9 @@ fastest steps, the less load-sensitive figure); jsdr compile time
 (lower + compile); peak memory. Memory on CPU is the growth of the process's peak resident set
 (Linux VmHWM, reset through /proc/self/clear_refs once model, batch and compiled step are ready,
 before the first execution) over the resident set at that moment, for both frameworks alike; jsdr also reports XLA's compiled.memory_analysis() (temp + output bytes). On GPU torch
-reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure. Both workers import jsdr
-first, so both run with the glibc malloc settings that jsdr sets for XLA:CPU (`jsdr.hostmem`; the
-header line says what was set).
+reports torch.cuda.max_memory_allocated, jsdr the memory_analysis figure. Malloc: the jsdr worker runs
+with the glibc settings that importing jsdr sets for XLA:CPU (`jsdr.hostmem`), the torch worker with
+glibc's defaults or, with `--peer-malloc same`, with jsdr's settings too (the "malloc" line says which).
 
     python scripts/bench_forward.py                     # ~2-3 min on 2 CPU cores
     python scripts/bench_forward.py --hidden 1024 --layers 16 --batch 8 --seq 512   # bigger, GPU
@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--pause", type=float, default=0.3, help="seconds between the two sides' steps")
+    p.add_argument("--peer-malloc", choices=("default", "same"), default="default",
+                   help="glibc malloc of the torch worker: default = glibc's own; same = the settings jsdr sets for "
+                        "XLA:CPU (jsdr.hostmem)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
@@ -118,10 +121,18 @@ def peak_since(base: int) -> int:
 
 def malloc_status() -> str:
     """Import jsdr, which sets glibc's malloc for XLA:CPU where JAX runs on the CPU (jsdr.hostmem), and
-    say what it did. Both workers call it, so both run with the same malloc settings."""
+    say what it did. Both workers call it; the driver sets JSDR_CPU_MALLOC for the torch worker."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jsdr import hostmem
     return hostmem.status()
+
+
+def peer_malloc_same() -> bool:
+    """Whether the jsdr worker (same environment) applies jsdr.hostmem's settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jsdr import hostmem
+    return hostmem.decide(os.environ.get(hostmem.ENV), os.environ.get("JAX_PLATFORMS"),
+                          hostmem.accelerator_plugins())[0]
 
 
 def setup_torch(args, mode, model_dir):
@@ -259,9 +270,9 @@ def serve(args, fw, mode, model_dir):
 
 
 class Worker:
-    def __init__(self, cmd):
+    def __init__(self, cmd, env=None):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=env)
         self.cmd = cmd
 
     def _expect(self, prefix):
@@ -303,7 +314,7 @@ def build_model(args, out_dir):
     return sum(p.numel() for p in model.parameters())
 
 
-def worker_argv(args, skip=("worker", "json", "modes", "baseline", "pause")) -> list[str]:
+def worker_argv(args, skip=("worker", "json", "modes", "baseline", "pause", "peer_malloc")) -> list[str]:
     """The driver's options as command-line flags for a worker, less those in `skip`."""
     out = []
     for k, v in vars(args).items():
@@ -346,7 +357,11 @@ def main(argv=None):
                 script, worker = os.path.abspath(__file__), f"{fw}:{mode}:{tmp}"
                 if fw == "torch" and args.baseline:  # the peer: jsdr of the baseline tree
                     script, worker = str(Path(args.baseline) / "scripts" / "bench_forward.py"), f"jax:{mode}:{tmp}"
-                workers[fw] = Worker([sys.executable, script, "--worker", worker] + worker_argv(args))
+                env = None
+                if fw == "torch":  # the peer's malloc: glibc's defaults, or jsdr's settings (--peer-malloc)
+                    same = args.peer_malloc == "same" and peer_malloc_same()
+                    env = dict(os.environ, JSDR_CPU_MALLOC="1" if same else "0")
+                workers[fw] = Worker([sys.executable, script, "--worker", worker] + worker_argv(args), env)
                 workers[fw].ready()
             for r in range(args.repeats):  # alternate which goes first
                 for fw in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):

@@ -98,10 +98,15 @@ Reported per phase: tokens/s from the median time over the timed steps (rollout/
 tokens; the others: the real tokens of the sequences trained on, prompt + completion, for OPSD the
 student's and the teacher's; teacher/student: their own rows), the ratio jsdr/TRL of those, and the
 load-robust "best" ratio of the fastest step of each. Memory: as scripts/bench_forward.py measures it
-on CPU, the growth of the process's peak resident set (Linux VmHWM, reset through
-/proc/self/clear_refs at the start of each timed step) over its RSS at that moment, the largest over
-the timed steps, for both alike (and the absolute VmHWM); on GPU torch.cuda.max_memory_allocated and
-JAX's peak_bytes_in_use.
+on CPU, the process's peak resident set during a step (Linux VmHWM, reset through /proc/self/clear_refs
+at the start of each timed step), the largest over the timed steps, for both alike, and beside it its
+growth over the RSS at the step's start (with jsdr's malloc settings below, a process keeps its freed
+heap, so a steady-state step of either side grows little or not at all); on GPU
+torch.cuda.max_memory_allocated and JAX's peak_bytes_in_use. Malloc: the jsdr worker runs with the glibc settings that importing jsdr
+sets for XLA:CPU (`jsdr.hostmem`); the TRL worker with glibc's defaults, what TRL users run, or with
+`--peer-malloc same` with jsdr's settings too (the report's "malloc" line says which). On the 2-core
+machine the settings made TRL's steps faster in most runs and, in one run of four, far slower (its
+heap grew by 3.4 GB in a step): docs/performance.md has both.
 """
 
 from __future__ import annotations
@@ -157,6 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--pause", type=float, default=0.5, help="seconds between the two sides' steps (idle "
                                                             "thread pools stop spinning)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
+    p.add_argument("--peer-malloc", choices=("default", "same"), default="default",
+                   help="glibc malloc of the TRL worker: default = glibc's own (what TRL users run); same = the "
+                        "settings jsdr sets for XLA:CPU (jsdr.hostmem)")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--keep", default="", help="build the model, tokenizer and data in this directory and keep "
                                               "them (default: a temporary directory)")
@@ -334,6 +342,7 @@ def serve_jsdr(args, method: str, assets: Path) -> None:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
+    from jsdr import hostmem
     from jsdr import config as C
     from jsdr import run, sharding
     from jsdr import train as TR
@@ -425,7 +434,7 @@ def serve_jsdr(args, method: str, assets: Path) -> None:
                 rec["student"] = time.perf_counter() - t
         return rec
 
-    info = {"device": jax.devices()[0].platform, "jax": jax.__version__,
+    info = {"device": jax.devices()[0].platform, "jax": jax.__version__, "malloc": hostmem.status(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "setup_s": time.perf_counter() - t_setup, "warmup_s": []}
     k = 0
@@ -453,6 +462,8 @@ def serve_jsdr(args, method: str, assets: Path) -> None:
 
 
 def serve_trl(args, method: str, assets: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from jsdr import hostmem  # the import sets the same glibc malloc settings as on the jsdr side
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -614,7 +625,7 @@ def serve_trl(args, method: str, assets: Path) -> None:
         return out
     trainer.training_step = timed_training_step
     gpu_mem = "torch" if gpu else False
-    info = {"device": str(trainer.accelerator.device), "threads": torch.get_num_threads(),
+    info = {"device": str(trainer.accelerator.device), "threads": torch.get_num_threads(), "malloc": hostmem.status(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "peft": peft.__version__, "trainer": type(trainer).__name__, "optim": str(trainer.args.optim),
             "gradient_checkpointing": trainer.args.gradient_checkpointing,
@@ -715,6 +726,8 @@ def worker_env(args, fw: str) -> dict:
             env["JAX_PLATFORMS"] = "cpu"
         else:
             env.pop("JAX_PLATFORMS", None)
+    else:  # the TRL worker imports jsdr (its grader), which would apply jsdr.hostmem's settings
+        env["JSDR_CPU_MALLOC"] = "1" if args.peer_malloc == "same" and args.device == "cpu" else "0"
     return env
 
 
@@ -782,7 +795,7 @@ def main(argv=None):
             workers = {}
             for fw in ("jsdr", "trl"):  # set up (and warm up) one after the other
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{method}:{assets}"] \
-                    + _flags(args, skip=("worker", "json", "methods", "keep"))
+                    + _flags(args, skip=("worker", "json", "methods", "keep", "peer_malloc"))
                 workers[fw] = Worker(cmd, assets / f"{fw}_{method}.log", worker_env(args, fw))
                 workers[fw].ready()
             for r in range(args.repeats):  # alternate who goes first
@@ -804,6 +817,7 @@ def report(args, meta, results) -> None:
     print(f"\njsdr: jax {j0['jax']} on {j0['device']} ({j0['cpus']} cpus); TRL {t0['trl']} (torch {t0['torch']}, "
           f"transformers {t0['transformers']}, peft {t0['peft']}) on {t0['device']} ({t0['threads']} threads, "
           f"attention {t0['attn']}, optim {t0['optim']})")
+    print(f"malloc: jsdr: {j0.get('malloc')}; TRL: {t0.get('malloc')}")
     hdr = (f"{'method':<7}{'phase':<21}{'tokens':>7}{'jsdr s':>8}{'TRL s':>8}{'jsdr tok/s':>11}{'TRL tok/s':>10}"
            f"{'ratio':>7}{'best':>7}")
     print(hdr)
@@ -818,9 +832,9 @@ def report(args, meta, results) -> None:
                   f"{cell(t, 'median_s', '.3f'):>8}{cell(j, 'tokens_per_s', '.0f'):>11}{cell(t, 'tokens_per_s', '.0f'):>10}"
                   f"{ratio:>7}{best:>7}")
         m, x = res["memory"], res["extra"]
-        print(f"{method:<7}{'peak memory':<21}{'':>7}{fmt_bytes(m['jsdr']['peak']):>8}{fmt_bytes(m['trl']['peak']):>8}"
-              f"   (absolute {fmt_bytes(m['jsdr']['peak_abs'])} / {fmt_bytes(m['trl']['peak_abs'])}; ratio jsdr/TRL "
-              f"{m['jsdr']['peak'] / max(m['trl']['peak'], 1):.2f})")
+        print(f"{method:<7}{'peak memory':<21}{'':>7}{fmt_bytes(m['jsdr']['peak_abs']):>9}"
+              f"{fmt_bytes(m['trl']['peak_abs']):>9}   (ratio jsdr/TRL {m['jsdr']['peak_abs'] / max(m['trl']['peak_abs'], 1):.2f}; "
+              f"growth during a step {fmt_bytes(m['jsdr']['peak'])} / {fmt_bytes(m['trl']['peak'])})")
         parts = ", ".join(f"{k[4:-2]} {v:.3f}s" for k, v in x.items() if k.startswith("trl_") and k.endswith("_s"))
         print(f"{'':7}{'':21}TRL train = {parts}; warm-up step jsdr {res['jsdr']['warmup_s'][0] if res['jsdr']['warmup_s'] else 0:.0f}s"
               f" / TRL {res['trl']['warmup_s'][0] if res['trl']['warmup_s'] else 0:.0f}s; loss jsdr {x['jsdr_loss']:.4f} / "
@@ -828,8 +842,9 @@ def report(args, meta, results) -> None:
               + (f"; jsdr recompiled in {x['jsdr_recompiled_steps']} timed step(s)" if x["jsdr_recompiled_steps"] else ""))
     print("ratio = jsdr tok/s / TRL tok/s of the median step times (> 1: jsdr faster); best = the same of each side's "
           "fastest step; rollout/generate count generated tokens, the others the real tokens trained on; "
-          "jsdr teacher/student: separate jits after the step (not part of it); peak memory: growth of the "
-          "process's peak RSS over its RSS at the step's start (VmHWM), the largest over the timed steps")
+          "jsdr teacher/student: separate jits after the step (not part of it); peak memory: the process's peak "
+          "RSS during a step (VmHWM, the largest over the timed steps; on GPU the device's peak), with its growth over "
+          "the RSS at the step's start beside it")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
                                                "assets": meta, "results": results}, indent=2, default=str))

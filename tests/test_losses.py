@@ -175,6 +175,30 @@ def _clip_tau(hs, ht, w, y, mask, cfg):
     return float(0.5 * (v[k - 1] + v[k]))
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.3])
+def test_jsd_where_probabilities_underflow(beta):
+    """The mixture's log comes from the probabilities (one log, floored at the smallest normal float),
+    not from a logaddexp of the log-probabilities: where both underflow in float32 the divergence and
+    its gradient stay finite and equal the float64 logaddexp reference."""
+    rs = np.random.RandomState(3)
+    s = (rs.randn(4, 96) * 60).astype(np.float32)  # log-probabilities down to about -500
+    t = (rs.randn(4, 96) * 60).astype(np.float32)
+    t[0] = s[0] + rs.randn(96).astype(np.float32) * 0.1  # a near-zero divergence too
+    opts = (beta, None, "token")
+    (_, loss), grad = jax.value_and_grad(lambda a: (jnp.sum(D.divergence_loss(a, jnp.asarray(t), opts)[0]),
+                                                    D.divergence_loss(a, jnp.asarray(t), opts)[0]),
+                                         has_aux=True)(jnp.asarray(s))
+    st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    ls, lt = torch.log_softmax(st, -1), torch.log_softmax(torch.tensor(t, dtype=torch.float64), -1)
+    lm = torch.logaddexp(lt + np.log(beta), ls + np.log1p(-beta))
+    want = (beta * lt.exp() * (lt - lm) + (1 - beta) * ls.exp() * (ls - lm)).sum(-1)
+    want.sum().backward()
+    assert (ls.detach().numpy() < -88).mean() > 0.3  # many entries underflow in float32
+    assert np.all(np.isfinite(np.asarray(loss))) and np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(np.asarray(loss), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), st.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", OPSD_CASES, ids=lambda c: f"{c['variant']}-b{c['beta']}-{c['clip']}-{c['reduction']}")
 def test_opsd_head_matches_reference(head_inputs, case):
     hs, ht, w, y, mask = head_inputs
