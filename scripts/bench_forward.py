@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--pause", type=float, default=0.3, help="seconds between the two sides' steps")
     p.add_argument("--peer-malloc", choices=("default", "same"), default="default",
                    help="glibc malloc of the torch worker: default = glibc's own; same = the settings jsdr sets for "
-                        "XLA:CPU (jsdr.hostmem)")
+                        "XLA:CPU (jsdr.hostmem). A --baseline jsdr decides for itself, as jsdr does")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all cores)")
@@ -358,7 +358,7 @@ def main(argv=None):
                 if fw == "torch" and args.baseline:  # the peer: jsdr of the baseline tree
                     script, worker = str(Path(args.baseline) / "scripts" / "bench_forward.py"), f"jax:{mode}:{tmp}"
                 env = None
-                if fw == "torch":  # the peer's malloc: glibc's defaults, or jsdr's settings (--peer-malloc)
+                if fw == "torch" and not args.baseline:  # the peer's malloc: glibc's or jsdr's (--peer-malloc)
                     same = args.peer_malloc == "same" and peer_malloc_same()
                     env = dict(os.environ, JSDR_CPU_MALLOC="1" if same else "0")
                 workers[fw] = Worker([sys.executable, script, "--worker", worker] + worker_argv(args), env)
