@@ -69,16 +69,13 @@ def decide(setting: str | None, jax_platforms: str | None, plugins: list[str]) -
     return True, "on (no accelerator plugin installed: JAX runs on the CPU)"
 
 
-def configure(force: bool = False) -> str:
-    """Apply the settings if `decide` says so (or `force`); return what was done, as one line. The
-    first call decides; later calls return its line (a `force` call applies again)."""
+def configure() -> str:
+    """Apply the settings if `decide` says so; return what was done, as one line. The first call
+    decides; later calls return its line."""
     global _status
-    if _status is not None and not force:
+    if _status is not None:
         return _status
-    if force:
-        apply, why = True, "on (forced)"
-    else:
-        apply, why = decide(os.environ.get(ENV), os.environ.get("JAX_PLATFORMS"), accelerator_plugins())
+    apply, why = decide(os.environ.get(ENV), os.environ.get("JAX_PLATFORMS"), accelerator_plugins())
     if apply:
         mallopt = None
         if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
