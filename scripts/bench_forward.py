@@ -119,18 +119,22 @@ def peak_since(base: int) -> int:
 # see the same load on a shared machine.
 
 
-def malloc_status() -> str:
-    """Import jsdr, which sets glibc's malloc for XLA:CPU where JAX runs on the CPU (jsdr.hostmem), and
-    say what it did. Both workers call it; the driver sets JSDR_CPU_MALLOC for the torch worker."""
+def _hostmem():
+    """jsdr.hostmem of this checkout. Importing jsdr sets glibc's malloc for XLA:CPU where JAX runs on
+    the CPU; the driver sets JSDR_CPU_MALLOC for the torch worker."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jsdr import hostmem
-    return hostmem.status()
+    return hostmem
+
+
+def malloc_status() -> str:
+    """What the import of jsdr did to this worker's malloc (both workers call it)."""
+    return _hostmem().status()
 
 
 def peer_malloc_same() -> bool:
     """Whether the jsdr worker (same environment) applies jsdr.hostmem's settings."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jsdr import hostmem
+    hostmem = _hostmem()
     return hostmem.decide(os.environ.get(hostmem.ENV), os.environ.get("JAX_PLATFORMS"),
                           hostmem.accelerator_plugins())[0]
 

@@ -185,9 +185,11 @@ def test_jsd_where_probabilities_underflow(beta):
     t = (rs.randn(4, 96) * 60).astype(np.float32)
     t[0] = s[0] + rs.randn(96).astype(np.float32) * 0.1  # a near-zero divergence too
     opts = (beta, None, "token")
-    (_, loss), grad = jax.value_and_grad(lambda a: (jnp.sum(D.divergence_loss(a, jnp.asarray(t), opts)[0]),
-                                                    D.divergence_loss(a, jnp.asarray(t), opts)[0]),
-                                         has_aux=True)(jnp.asarray(s))
+    def total(a):  # (summed loss, per-row loss), from one call
+        per_row = D.divergence_loss(a, jnp.asarray(t), opts)[0]
+        return jnp.sum(per_row), per_row
+
+    (_, loss), grad = jax.value_and_grad(total, has_aux=True)(jnp.asarray(s))
     st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
     ls, lt = torch.log_softmax(st, -1), torch.log_softmax(torch.tensor(t, dtype=torch.float64), -1)
     lm = torch.logaddexp(lt + np.log(beta), ls + np.log1p(-beta))
